@@ -1,0 +1,125 @@
+//! `cloudml`: the coordinator CLI. Turns task and sweep files into tasks and runs them.
+
+mod local_run;
+mod results;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+use cloudml_shared::config::{init_logging, Overrides, Settings};
+use cloudml_shared::sweep::{describe_varied, Sweep};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "cloudml",
+    version,
+    about = "Train many models in parallel and record every run in MLflow"
+)]
+struct Cli {
+    #[command(flatten)]
+    global: GlobalArgs,
+    #[command(subcommand)]
+    command: Command,
+}
+
+/// Options shared by every command; each overrides `cloudml.toml` and `CLOUDML_*` variables.
+#[derive(Debug, Args)]
+struct GlobalArgs {
+    /// Settings file [default: ./cloudml.toml when present]
+    #[arg(long, global = true, env = "CLOUDML_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// MLflow tracking server URL [default: MLFLOW_TRACKING_URI, else http://127.0.0.1:5000]
+    #[arg(long, global = true, value_name = "URL")]
+    tracking_uri: Option<String>,
+    /// Log format on stderr: auto, text or json [default: auto, text on a terminal]
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a task or sweep file on this machine with in-process workers and an embedded queue
+    Run(RunArgs),
+    /// Check a task or sweep file without running it
+    Validate {
+        /// Task or sweep file (.toml or .json), or an original payload (.json)
+        file: PathBuf,
+    },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Task or sweep file (.toml or .json), or an original payload (.json)
+    file: PathBuf,
+    /// Tasks trained at once [default: number of CPU cores]
+    #[arg(long, short = 'w', value_name = "N")]
+    workers: Option<usize>,
+    /// libtorch intra-op threads per task [default: 1]
+    #[arg(long, value_name = "N")]
+    threads_per_task: Option<usize>,
+    /// Device: cpu, cuda, cuda:N or auto [default: cpu]
+    #[arg(long, value_name = "DEVICE")]
+    device: Option<String>,
+    /// Result format on stdout: table or json
+    #[arg(long, default_value = "table", value_parser = ["table", "json"])]
+    output: String,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let overrides = match &cli.command {
+        Command::Run(args) => Overrides {
+            tracking_uri: cli.global.tracking_uri.clone(),
+            workers: args.workers,
+            threads_per_task: args.threads_per_task,
+            device: args.device.clone(),
+            log_format: cli.global.log_format.clone(),
+        },
+        Command::Validate { .. } => Overrides {
+            tracking_uri: cli.global.tracking_uri.clone(),
+            log_format: cli.global.log_format.clone(),
+            ..Overrides::default()
+        },
+    };
+    let settings = match Settings::load(cli.global.config.as_deref(), &overrides) {
+        Ok(settings) => settings,
+        Err(err) => {
+            eprintln!("error: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    // Progress bars own the terminal during runs; only warnings and errors are logged by default.
+    init_logging(&settings.log_format, "warn");
+
+    let result = match cli.command {
+        Command::Validate { file } => validate(&file),
+        Command::Run(args) => local_run::run(&args.file, &settings, &args.output).await,
+    };
+    match result {
+        Ok(code) => code,
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let sweep = Sweep::from_file(file)?;
+    println!(
+        "{}: valid, {} task{} (sweep {})",
+        file.display(),
+        sweep.tasks.len(),
+        if sweep.tasks.len() == 1 { "" } else { "s" },
+        sweep.name
+    );
+    for (index, expanded) in sweep.tasks.iter().enumerate().take(20) {
+        println!("  {index:>4}  {}", describe_varied(&expanded.varied));
+    }
+    if sweep.tasks.len() > 20 {
+        println!("  ... and {} more", sweep.tasks.len() - 20);
+    }
+    Ok(ExitCode::SUCCESS)
+}

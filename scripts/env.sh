@@ -1,0 +1,49 @@
+# Shared settings for the scripts; source it, do not run it.
+#
+# Everything downloaded or built is cached under CLOUDML_CACHE (default ~/.cache/cloudml) so a
+# fresh clone reuses it: the libtorch and MLflow virtual environments and the cargo target dir.
+
+CLOUDML_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+CLOUDML_CACHE="${CLOUDML_CACHE:-$HOME/.cache/cloudml}"
+export CLOUDML_ROOT CLOUDML_CACHE
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$CLOUDML_CACHE/target}"
+
+# libtorch for tch 0.26 is PyTorch 2.13.0. The two CUDA runtime wheels are needed because
+# libtorch_cpu.so links them even on CPU; without them pip would pull 4.7 GB of CUDA.
+TORCH_VERSION=2.13.0
+TORCH_VENV="$CLOUDML_CACHE/torch-$TORCH_VERSION"
+export LIBTORCH="${LIBTORCH:-$TORCH_VENV/lib/python3.11/site-packages/torch}"
+export LIBTORCH_BYPASS_VERSION_CHECK=1
+export LD_LIBRARY_PATH="$LIBTORCH/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+
+MLFLOW_VERSION_SPEC='mlflow>=3.17,<3.18'
+MLFLOW_VENV="$CLOUDML_CACHE/mlflow-3.17"
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+# Installs libtorch (CPU) into the cache once.
+ensure_libtorch() {
+  if [ -f "$LIBTORCH/lib/libtorch_cpu.so" ]; then
+    return
+  fi
+  log "installing libtorch $TORCH_VERSION (CPU) into $TORCH_VENV"
+  rm -rf "$TORCH_VENV"
+  python3 -m venv "$TORCH_VENV"
+  "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+    "torch==$TORCH_VERSION" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
+}
+
+# Installs the MLflow server into the cache once.
+ensure_mlflow() {
+  if [ -x "$MLFLOW_VENV/bin/mlflow" ]; then
+    return
+  fi
+  log "installing $MLFLOW_VERSION_SPEC into $MLFLOW_VENV"
+  rm -rf "$MLFLOW_VENV"
+  python3 -m venv "$MLFLOW_VENV"
+  "$MLFLOW_VENV/bin/pip" install --quiet --disable-pip-version-check "$MLFLOW_VERSION_SPEC"
+}
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
+}
