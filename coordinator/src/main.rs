@@ -41,6 +41,8 @@ struct GlobalArgs {
 enum Command {
     /// Run a task or sweep file on this machine with in-process workers and an embedded queue
     Run(RunArgs),
+    /// Print the settings in force after defaults, cloudml.toml, CLOUDML_* variables and flags
+    Config,
     /// Check a task or sweep file without running it
     Validate {
         /// Task or sweep file (.toml or .json), or an original payload (.json)
@@ -77,7 +79,7 @@ async fn main() -> ExitCode {
             device: args.device.clone(),
             log_format: cli.global.log_format.clone(),
         },
-        Command::Validate { .. } => Overrides {
+        Command::Validate { .. } | Command::Config => Overrides {
             tracking_uri: cli.global.tracking_uri.clone(),
             log_format: cli.global.log_format.clone(),
             ..Overrides::default()
@@ -95,6 +97,7 @@ async fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Validate { file } => validate(&file),
+        Command::Config => print_settings(&settings),
         Command::Run(args) => local_run::run(&args.file, &settings, &args.output).await,
     };
     match result {
@@ -104,6 +107,12 @@ async fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+fn print_settings(settings: &Settings) -> anyhow::Result<ExitCode> {
+    // Credentials live only in MLFLOW_TRACKING_* variables, never in Settings, so this prints none.
+    println!("{}", toml::to_string(settings)?);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn validate(file: &std::path::Path) -> anyhow::Result<ExitCode> {

@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 
 use crate::tracking::TrackingConfig;
 use crate::train::{parse_device, TrainOptions};
@@ -14,7 +14,7 @@ use crate::train::{parse_device, TrainOptions};
 /// File read from the working directory when `--config` is not given.
 pub const DEFAULT_CONFIG_FILE: &str = "cloudml.toml";
 
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct Settings {
     /// MLflow tracking server, `http(s)://host:port`.
     pub tracking_uri: String,

@@ -36,11 +36,8 @@ pub struct Sweep {
 
 #[derive(Debug, thiserror::Error)]
 pub enum SweepError {
-    #[error("cannot read {path}: {source}")]
-    Read {
-        path: String,
-        source: std::io::Error,
-    },
+    #[error("cannot read {path}: {error}")]
+    Read { path: String, error: std::io::Error },
     #[error("{path}: {message}")]
     Syntax { path: String, message: String },
     #[error("{path}: {field} = {value}, expected {expected}")]
@@ -50,12 +47,12 @@ pub enum SweepError {
         value: String,
         expected: String,
     },
-    #[error("{path}: task {index} ({varied}): {source}")]
+    #[error("{path}: task {index} ({varied}): {error}")]
     Task {
         path: String,
         index: usize,
         varied: String,
-        source: TaskError,
+        error: TaskError,
     },
 }
 
@@ -81,9 +78,9 @@ impl Sweep {
     /// Reads a `.toml` or `.json` task or sweep file and expands it into validated tasks.
     pub fn from_file(path: &Path) -> Result<Sweep, SweepError> {
         let display = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|source| SweepError::Read {
+        let text = std::fs::read_to_string(path).map_err(|error| SweepError::Read {
             path: display.clone(),
-            source,
+            error,
         })?;
         let default_name = path.file_stem().map_or_else(
             || "sweep".to_string(),
@@ -109,11 +106,11 @@ impl Sweep {
         let sweep_id = uuid::Uuid::now_v7().to_string();
         if is_original_payload(&document) {
             let task = Task::from_message(text.as_bytes(), &uuid::Uuid::now_v7().to_string())
-                .map_err(|source| SweepError::Task {
+                .map_err(|error| SweepError::Task {
                     path: origin.to_string(),
                     index: 0,
                     varied: "original payload".to_string(),
-                    source,
+                    error,
                 })?;
             return Ok(Sweep {
                 id: sweep_id,
@@ -251,11 +248,11 @@ fn expand_one(
     index: usize,
     varied: Vec<(String, Value)>,
 ) -> Result<ExpandedTask, SweepError> {
-    let task_error = |source: TaskError, varied: &[(String, Value)]| SweepError::Task {
+    let task_error = |error: TaskError, varied: &[(String, Value)]| SweepError::Task {
         path: origin.to_string(),
         index,
         varied: describe_varied(varied),
-        source,
+        error,
     };
 
     for (path, value) in &varied {

@@ -60,8 +60,8 @@ pub struct ModelSpec {
     pub layers: Vec<Layer>,
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Layer {
     /// Fully connected layer on the last axis, as in Keras.
     Dense {
@@ -82,6 +82,99 @@ pub enum Layer {
         epsilon: f64,
     },
     Flatten,
+}
+
+/// Layer fields without the `type` tag, deserialized separately so errors name the field.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DenseFields {
+    units: u32,
+    #[serde(default)]
+    activation: Activation,
+    #[serde(default)]
+    input_size: Option<u32>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DropoutFields {
+    rate: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchNormFields {
+    #[serde(default = "default_batch_norm_momentum")]
+    momentum: f64,
+    #[serde(default = "default_batch_norm_epsilon")]
+    epsilon: f64,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FlattenFields {}
+
+impl<'de> Deserialize<'de> for Layer {
+    /// Reads `type`, then the variant's fields. serde's internally tagged enums buffer the input and
+    /// lose the field path in errors (`units: invalid type` becomes just `invalid type`).
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        use serde::de::Error;
+
+        let mut fields = serde_json::Map::<String, serde_json::Value>::deserialize(deserializer)?;
+        let kind = match fields.remove("type") {
+            Some(serde_json::Value::String(kind)) => kind,
+            Some(other) => {
+                return Err(D::Error::custom(format!(
+                    "type = {other}, expected a layer name"
+                )))
+            }
+            None => return Err(D::Error::missing_field("type")),
+        };
+        let fields = serde_json::Value::Object(fields);
+        match kind.as_str() {
+            "dense" => {
+                let DenseFields {
+                    units,
+                    activation,
+                    input_size,
+                } = layer_fields(fields)?;
+                Ok(Layer::Dense {
+                    units,
+                    activation,
+                    input_size,
+                })
+            }
+            "dropout" => {
+                let DropoutFields { rate } = layer_fields(fields)?;
+                Ok(Layer::Dropout { rate })
+            }
+            "batch_norm" => {
+                let BatchNormFields { momentum, epsilon } = layer_fields(fields)?;
+                Ok(Layer::BatchNorm { momentum, epsilon })
+            }
+            "flatten" => {
+                let FlattenFields {} = layer_fields(fields)?;
+                Ok(Layer::Flatten)
+            }
+            other => Err(D::Error::unknown_variant(
+                other,
+                &["dense", "dropout", "batch_norm", "flatten"],
+            )),
+        }
+    }
+}
+
+fn layer_fields<T: serde::de::DeserializeOwned, E: serde::de::Error>(
+    fields: serde_json::Value,
+) -> Result<T, E> {
+    serde_path_to_error::deserialize(fields).map_err(|err| {
+        let path = err.path().to_string();
+        if path == "." {
+            E::custom(err.inner())
+        } else {
+            E::custom(format!("{path}: {}", err.inner()))
+        }
+    })
 }
 
 fn default_batch_norm_momentum() -> f64 {
@@ -535,7 +628,6 @@ impl Task {
                 "a value of at most 5000 bytes",
             );
         }
-        drop(check);
 
         validate_model(&self.model, self.loss, &mut errors);
         validate_optimizer(&self.optimizer, &mut errors);

@@ -66,9 +66,23 @@ pub enum TrainError {
         epoch: u32,
     },
     #[error("libtorch error: {0}")]
-    Torch(#[from] tch::TchError),
+    Torch(tch::TchError),
     #[error("cannot write the model file: {0}")]
-    Io(#[from] std::io::Error),
+    Io(std::io::Error),
+}
+
+// Written by hand rather than with `#[from]`, which would also report the cause as the error's
+// source, so that error chains print it twice.
+impl From<tch::TchError> for TrainError {
+    fn from(error: tch::TchError) -> Self {
+        TrainError::Torch(error)
+    }
+}
+
+impl From<std::io::Error> for TrainError {
+    fn from(error: std::io::Error) -> Self {
+        TrainError::Io(error)
+    }
 }
 
 /// Trains `task` on `data`, calling `on_epoch` after each epoch.

@@ -1,5 +1,7 @@
 //! Executor and MLflow client against a real MLflow server (started by scripts/test.sh).
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,6 +1,8 @@
 //! The trainer on real data with real libtorch: accuracy against reference figures, reproducibility,
 //! early stopping and each layer, loss and optimizer.
 
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
 use cloudml_shared::data;
 use cloudml_shared::sweep::Sweep;
 use cloudml_shared::task::Task;

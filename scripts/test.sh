@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# The test command. Installs what the tests need (libtorch, MLflow; cached under ~/.cache/cloudml),
+# starts MLflow on a free loopback port, checks formatting and lints, runs every test, stops MLflow.
+#
+#   scripts/test.sh [extra arguments for the test runner, such as a test name filter]
+set -euo pipefail
+source "$(dirname "$0")/env.sh"
+cd "$CLOUDML_ROOT"
+
+ensure_libtorch
+ensure_mlflow
+
+state="$(mktemp -d)"
+cleanup() {
+  "$CLOUDML_ROOT/scripts/mlflow.sh" stop "$state" || true
+  rm -rf "$state"
+}
+trap cleanup EXIT
+CLOUDML_TEST_TRACKING_URI="$("$CLOUDML_ROOT/scripts/mlflow.sh" start "$state")"
+export CLOUDML_TEST_TRACKING_URI
+log "MLflow for tests at $CLOUDML_TEST_TRACKING_URI"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+# Tests build in release mode: training real models in debug builds is slow, and the main job and
+# the benchmark reuse the same artifacts.
+log "cargo clippy"
+cargo clippy --workspace --all-targets --release -- -D warnings
+
+log "tests"
+if cargo nextest --version >/dev/null 2>&1; then
+  cargo nextest run --workspace --release --no-fail-fast "$@"
+else
+  cargo test --workspace --release --no-fail-fast "$@"
+fi
