@@ -36,3 +36,17 @@ done | awk '{ seconds[NR] = $1; rss[NR] = $2 / 1024; total += $1; if (rss[NR] > 
     printf "start to FINISHED run: n=%d mean=%.3f s p50=%.3f s max=%.3f s\n", n, total / n, seconds[int((n + 1) / 2)], seconds[n]
     printf "peak RSS: %.1f MB (max over runs)\n", peak
   }'
+
+echo "== RabbitMQ at 127.0.0.1:5672: enqueue 1000 original tasks; one worker (concurrency 1) trains 200"
+cloudml="$CARGO_TARGET_DIR/release/cloudml"
+queue="amqp://guest:guest@127.0.0.1:5672/%2f/cloudml-bench-$$"
+sed 's/^repeat = .*/repeat = 1000/' examples/sweeps/original.toml >"$state/original-1000.toml"
+sed 's/^repeat = .*/repeat = 200/' examples/sweeps/original.toml >"$state/original-200.toml"
+"$cloudml" enqueue "$state/original-1000.toml" --queue "$queue" 2>&1 >/dev/null | grep enqueued
+"$cloudml" delete-queue --queue "$queue" 2>/dev/null
+"$cloudml" enqueue "$state/original-200.toml" --queue "$queue" >/dev/null 2>&1
+started=$(date +%s.%N)
+MLFLOW_TRACKING_URI="$uri" "$CARGO_TARGET_DIR/release/cloudml-worker" --log-format json run --queue "$queue" --max-tasks 200 >/dev/null 2>&1
+ended=$(date +%s.%N)
+awk -v start="$started" -v end="$ended" 'BEGIN { printf "one worker: 200 tasks in %.1f s, %.1f tasks/s (each to a FINISHED MLflow run)\n", end - start, 200 / (end - start) }'
+"$cloudml" delete-queue --queue "$queue" 2>/dev/null

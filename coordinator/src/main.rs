@@ -1,6 +1,7 @@
 //! `cloudml`: the coordinator CLI. Turns task and sweep files into tasks and runs them.
 
 mod local_run;
+mod remote;
 mod results;
 
 use std::path::PathBuf;
@@ -8,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 use cloudml_shared::config::{init_logging, Overrides, Settings};
+use cloudml_shared::queue::amqp::Topology;
 use cloudml_shared::sweep::{describe_varied, Sweep};
 
 #[derive(Debug, Parser)]
@@ -41,6 +43,30 @@ struct GlobalArgs {
 enum Command {
     /// Run a task or sweep file on this machine with in-process workers and an embedded queue
     Run(RunArgs),
+    /// Publish the tasks of a task or sweep file to a queue for worker fleets
+    Enqueue {
+        /// Task or sweep file (.toml or .json), or an original payload (.json)
+        file: PathBuf,
+        #[command(flatten)]
+        queue: QueueArgs,
+    },
+    /// Show a queue's depth and, with --sweep, how many of a sweep's runs are in each state
+    Status {
+        #[command(flatten)]
+        queue: QueueArgs,
+        /// Sweep id printed by `cloudml enqueue`
+        #[arg(long, requires = "experiment")]
+        sweep: Option<String>,
+        /// MLflow experiment of the sweep's tasks
+        #[arg(long)]
+        experiment: Option<String>,
+    },
+    /// Delete a queue with its dead-letter queue and exchange, and every message in them
+    DeleteQueue {
+        /// Queue URL: amqp://user:password@host:5672/vhost/queue
+        #[arg(long, env = "CLOUDML_QUEUE", value_name = "URL")]
+        queue: String,
+    },
     /// Print the settings in force after defaults, cloudml.toml, CLOUDML_* variables and flags
     Config,
     /// Check a task or sweep file without running it
@@ -48,6 +74,28 @@ enum Command {
         /// Task or sweep file (.toml or .json), or an original payload (.json)
         file: PathBuf,
     },
+}
+
+#[derive(Debug, Args)]
+struct QueueArgs {
+    /// Queue URL: amqp://user:password@host:5672/vhost/queue (vhost `/` is %2f and may be left out)
+    #[arg(long, env = "CLOUDML_QUEUE", value_name = "URL")]
+    queue: String,
+    /// Use the existing queue as it is; declare no queue, exchange or binding
+    #[arg(long)]
+    no_declare: bool,
+    /// Declare a quorum queue with this delivery limit instead of a classic queue
+    #[arg(long, value_name = "N")]
+    quorum_delivery_limit: Option<u32>,
+}
+
+impl QueueArgs {
+    fn topology(&self) -> Topology {
+        Topology {
+            no_declare: self.no_declare,
+            quorum_delivery_limit: self.quorum_delivery_limit,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -79,7 +127,11 @@ async fn main() -> ExitCode {
             device: args.device.clone(),
             log_format: cli.global.log_format.clone(),
         },
-        Command::Validate { .. } | Command::Config => Overrides {
+        Command::Validate { .. }
+        | Command::Config
+        | Command::Enqueue { .. }
+        | Command::Status { .. }
+        | Command::DeleteQueue { .. } => Overrides {
             tracking_uri: cli.global.tracking_uri.clone(),
             log_format: cli.global.log_format.clone(),
             ..Overrides::default()
@@ -98,6 +150,23 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { file } => validate(&file),
         Command::Config => print_settings(&settings),
+        Command::DeleteQueue { queue } => remote::delete_queue(&queue).await,
+        Command::Enqueue { file, queue } => {
+            remote::enqueue(&file, &queue.queue, queue.topology()).await
+        }
+        Command::Status {
+            queue,
+            sweep,
+            experiment,
+        } => {
+            remote::status(
+                &queue.queue,
+                sweep.as_deref(),
+                experiment.as_deref(),
+                &settings,
+            )
+            .await
+        }
         Command::Run(args) => local_run::run(&args.file, &settings, &args.output).await,
     };
     match result {

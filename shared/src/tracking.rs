@@ -382,7 +382,7 @@ impl MlflowClient {
         run_info(&response["run"]["info"], "runs/create")
     }
 
-    /// Lists runs in an experiment whose tag `key` equals `value`, newest first.
+    /// Lists runs in experiments whose tag `key` equals `value`, newest first, following pages.
     pub async fn search_runs_by_tag(
         &self,
         experiment_id: &str,
@@ -390,24 +390,38 @@ impl MlflowClient {
         value: &str,
     ) -> Result<Vec<RunInfo>, TrackingError> {
         let filter = format!("tags.`{key}` = '{}'", value.replace('\'', "\\'"));
-        let body = json!({
-            "experiment_ids": [experiment_id],
-            "filter": filter,
-            "max_results": 100,
-            "order_by": ["attributes.start_time DESC"],
-        });
-        let response = self
-            .request(reqwest::Method::POST, "runs/search", Some(body))
-            .await?;
-        response
-            .get("runs")
-            .and_then(Value::as_array)
-            .map(|runs| {
-                runs.iter()
-                    .map(|run| run_info(&run["info"], "runs/search"))
-                    .collect()
-            })
-            .unwrap_or_else(|| Ok(Vec::new()))
+        let mut runs = Vec::new();
+        let mut page_token: Option<String> = None;
+        loop {
+            let mut body = json!({
+                "experiment_ids": [experiment_id],
+                "filter": filter,
+                "max_results": 1000,
+                "order_by": ["attributes.start_time DESC"],
+            });
+            if let Some(token) = &page_token {
+                body["page_token"] = json!(token);
+            }
+            let response = self
+                .request(reqwest::Method::POST, "runs/search", Some(body))
+                .await?;
+            for run in response
+                .get("runs")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                runs.push(run_info(&run["info"], "runs/search")?);
+            }
+            page_token = response
+                .get("next_page_token")
+                .and_then(Value::as_str)
+                .filter(|token| !token.is_empty())
+                .map(str::to_string);
+            if page_token.is_none() {
+                return Ok(runs);
+            }
+        }
     }
 
     /// Logs metrics, params and tags in as few `runs/log-batch` requests as the server limits allow.

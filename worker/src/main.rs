@@ -3,14 +3,20 @@
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand};
 use cloudml_shared::config::{init_logging, Overrides, Settings};
 use cloudml_shared::execute::{DeliveryContext, Executor};
+use cloudml_shared::queue::amqp::{AmqpQueue, Topology};
+use cloudml_shared::queue::QueueUrl;
 use cloudml_shared::sweep::Sweep;
 use cloudml_shared::tracking::MlflowClient;
+use cloudml_shared::worker::{run_worker, WorkerConfig};
 use serde_json::json;
+use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -47,11 +53,38 @@ struct GlobalArgs {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Consume a queue and train its tasks until stopped (SIGTERM or SIGINT)
+    Run(RunArgs),
     /// Train one task from a file, or from stdin with `-`, and print a JSON summary
     Once {
         /// Task file (.toml or .json), task message, or original payload; `-` reads stdin
         file: String,
     },
+}
+
+#[derive(Debug, Args)]
+struct RunArgs {
+    /// Queue URL: amqp://user:password@host:5672/vhost/queue (vhost `/` is %2f and may be left out)
+    #[arg(long, env = "CLOUDML_QUEUE", value_name = "URL")]
+    queue: String,
+    /// Tasks trained at once by this process; also the AMQP prefetch count
+    #[arg(long, default_value_t = 1, value_name = "N")]
+    concurrency: u16,
+    /// Stop after settling this many messages (for a KEDA ScaledJob pod) [default: no limit]
+    #[arg(long, value_name = "N")]
+    max_tasks: Option<usize>,
+    /// Stop after the queue has been empty for this many seconds [default: never]
+    #[arg(long, value_name = "SECONDS")]
+    exit_when_idle: Option<u64>,
+    /// On SIGTERM or SIGINT, seconds to let running tasks finish before their messages are released
+    #[arg(long, default_value_t = 30, value_name = "SECONDS")]
+    shutdown_grace: u64,
+    /// Use the existing queue as it is; declare no queue, exchange or binding
+    #[arg(long)]
+    no_declare: bool,
+    /// Declare a quorum queue with this delivery limit instead of a classic queue
+    #[arg(long, value_name = "N")]
+    quorum_delivery_limit: Option<u32>,
 }
 
 #[tokio::main]
@@ -75,6 +108,7 @@ async fn main() -> ExitCode {
 
     let result = match cli.command {
         Command::Once { file } => once(&file, &settings).await,
+        Command::Run(args) => run(&args, &settings).await,
     };
     match result {
         Ok(code) => code,
@@ -84,6 +118,61 @@ async fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Consumes a queue until a signal, `--max-tasks` or `--exit-when-idle` stops it.
+async fn run(args: &RunArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
+    let executor = Arc::new(Executor::new(
+        MlflowClient::new(&settings.tracking())?,
+        settings.train_options()?,
+        "amqp",
+    ));
+    let QueueUrl::Amqp(address) = QueueUrl::parse(&args.queue)?;
+    let topology = Topology {
+        no_declare: args.no_declare,
+        quorum_delivery_limit: args.quorum_delivery_limit,
+    };
+    let queue = AmqpQueue::new(address, topology, args.concurrency, settings.max_attempts);
+    queue.connect().await?;
+
+    let shutdown = CancellationToken::new();
+    tokio::spawn(cancel_on_signal(shutdown.clone()));
+    let config = WorkerConfig {
+        concurrency: usize::from(args.concurrency.max(1)),
+        max_tasks: args.max_tasks,
+        exit_when_idle: args.exit_when_idle.map(Duration::from_secs),
+        poll_wait: Duration::from_secs(5),
+        retry_base_delay: settings.retry_base_delay(),
+        shutdown_grace: Duration::from_secs(args.shutdown_grace),
+    };
+    let summary = run_worker(Arc::new(queue), executor, config, shutdown, None).await;
+    Ok(if summary.failed == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Cancels `shutdown` on the first SIGTERM (Kubernetes, Lambda) or SIGINT (Ctrl-C).
+async fn cancel_on_signal(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+
+    let terminate = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut stream) => {
+                stream.recv().await;
+            }
+            Err(err) => {
+                tracing::error!(error = %err, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = terminate => tracing::info!("SIGTERM received, stopping"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, stopping"),
+    }
+    shutdown.cancel();
 }
 
 /// Trains a single task without a queue.

@@ -1,10 +1,34 @@
 //! Queues that carry task messages, behind one small trait so the worker loop is written once.
 
+pub mod amqp;
 pub mod local;
 
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
+
+/// A queue named on the command line.
+#[derive(Debug, Clone)]
+pub enum QueueUrl {
+    Amqp(amqp::AmqpAddress),
+}
+
+impl QueueUrl {
+    pub fn parse(url: &str) -> Result<QueueUrl, QueueError> {
+        let scheme = url.split("://").next().unwrap_or_default();
+        match scheme {
+            "amqp" | "amqps" => Ok(QueueUrl::Amqp(amqp::AmqpAddress::parse(url)?)),
+            "sqs" | "https" => Err(QueueError::new(
+                "parse URL",
+                "SQS queues are not supported by this build yet; use amqp:// or run locally with `cloudml run`",
+            )),
+            _ => Err(QueueError::new(
+                "parse URL",
+                format!("unsupported queue URL scheme {scheme:?}, expected amqp:// or amqps://"),
+            )),
+        }
+    }
+}
 
 /// One received message, valid until it is acknowledged, failed or released.
 #[derive(Debug, Clone)]
