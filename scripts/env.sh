@@ -44,6 +44,46 @@ ensure_mlflow() {
   "$MLFLOW_VENV/bin/pip" install --quiet --disable-pip-version-check "$MLFLOW_VERSION_SPEC"
 }
 
+MOTO_VERSION_SPEC='moto[server]>=5.1,<5.3'
+MOTO_VENV="$CLOUDML_CACHE/moto-5.1"
+
+# Installs moto (an AWS emulator serving SQS and S3 on loopback) into the cache once.
+ensure_moto() {
+  if [ -x "$MOTO_VENV/bin/moto_server" ]; then
+    return
+  fi
+  log "installing $MOTO_VERSION_SPEC into $MOTO_VENV"
+  rm -rf "$MOTO_VENV"
+  python3 -m venv "$MOTO_VENV"
+  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "$MOTO_VERSION_SPEC"
+}
+
+CARGO_LAMBDA_VERSION_SPEC='cargo-lambda>=1.9,<1.10'
+CARGO_LAMBDA_VENV="$CLOUDML_CACHE/cargo-lambda-1.9"
+
+# Installs cargo-lambda (Lambda Runtime API emulator and builder) into the cache once and puts it
+# on PATH, where cargo finds it as `cargo lambda`.
+ensure_cargo_lambda() {
+  if [ ! -x "$CARGO_LAMBDA_VENV/bin/cargo-lambda" ]; then
+    log "installing $CARGO_LAMBDA_VERSION_SPEC into $CARGO_LAMBDA_VENV"
+    rm -rf "$CARGO_LAMBDA_VENV"
+    python3 -m venv "$CARGO_LAMBDA_VENV"
+    "$CARGO_LAMBDA_VENV/bin/pip" install --quiet --disable-pip-version-check "$CARGO_LAMBDA_VERSION_SPEC"
+  fi
+  export PATH="$CARGO_LAMBDA_VENV/bin:$PATH"
+}
+
+# Settings that keep the AWS SDK on the emulator: dummy credentials and region from the
+# environment, and no instance metadata lookups.
+use_aws_emulator() {
+  export AWS_ENDPOINT_URL="$1"
+  export AWS_REGION=us-east-1
+  export AWS_ACCESS_KEY_ID=testing
+  export AWS_SECRET_ACCESS_KEY=testing
+  export AWS_EC2_METADATA_DISABLED=true
+  unset AWS_PROFILE AWS_SESSION_TOKEN
+}
+
 free_port() {
   python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }

@@ -9,16 +9,20 @@ cd "$CLOUDML_ROOT"
 
 ensure_libtorch
 ensure_mlflow
+ensure_moto
 
 state="$(mktemp -d)"
 cleanup() {
   "$CLOUDML_ROOT/scripts/mlflow.sh" stop "$state" || true
+  "$CLOUDML_ROOT/scripts/moto.sh" stop "$state" || true
   rm -rf "$state"
 }
 trap cleanup EXIT
 CLOUDML_TEST_TRACKING_URI="$("$CLOUDML_ROOT/scripts/mlflow.sh" start "$state")"
 export CLOUDML_TEST_TRACKING_URI
 log "MLflow for tests at $CLOUDML_TEST_TRACKING_URI"
+use_aws_emulator "$("$CLOUDML_ROOT/scripts/moto.sh" start "$state")"
+log "moto (SQS) for tests at $AWS_ENDPOINT_URL"
 
 log "cargo fmt --check"
 cargo fmt --all -- --check

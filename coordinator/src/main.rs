@@ -1,5 +1,6 @@
 //! `cloudml`: the coordinator CLI. Turns task and sweep files into tasks and runs them.
 
+mod invoke;
 mod local_run;
 mod remote;
 mod results;
@@ -11,6 +12,7 @@ use clap::{Args, Parser, Subcommand};
 use cloudml_shared::config::{init_logging, Overrides, Settings};
 use cloudml_shared::queue::amqp::Topology;
 use cloudml_shared::sweep::{describe_varied, Sweep};
+use remote::QueueTarget;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -61,11 +63,32 @@ enum Command {
         #[arg(long)]
         experiment: Option<String>,
     },
-    /// Delete a queue with its dead-letter queue and exchange, and every message in them
+    /// Invoke the worker's Lambda function N times at once with one task, and report each result
+    Invoke {
+        /// Task file (.toml or .json), or with --payload-format original, an original payload
+        file: PathBuf,
+        /// Lambda function name or ARN
+        #[arg(long, value_name = "NAME")]
+        function: String,
+        /// Concurrent invocations
+        #[arg(long, default_value_t = 1, value_name = "N")]
+        concurrency: usize,
+        /// Payload sent: `task` (a task message with a fresh id per invocation) or `original` (the file unchanged)
+        #[arg(long, default_value = "task", value_parser = ["task", "original"])]
+        payload_format: String,
+        /// Lambda endpoint, for emulators [default: AWS_ENDPOINT_URL, else the AWS endpoint of the region]
+        #[arg(long, value_name = "URL")]
+        endpoint_url: Option<String>,
+    },
+    /// Show or redrive the dead-letter queue of a task queue
+    Dlq {
+        #[command(subcommand)]
+        action: DlqAction,
+    },
+    /// Delete a RabbitMQ queue with its dead-letter queue and exchange, and every message in them
     DeleteQueue {
-        /// Queue URL: amqp://user:password@host:5672/vhost/queue
-        #[arg(long, env = "CLOUDML_QUEUE", value_name = "URL")]
-        queue: String,
+        #[command(flatten)]
+        queue: QueueArgs,
     },
     /// Print the settings in force after defaults, cloudml.toml, CLOUDML_* variables and flags
     Config,
@@ -76,11 +99,32 @@ enum Command {
     },
 }
 
+#[derive(Debug, Subcommand)]
+enum DlqAction {
+    /// Print dead-lettered messages without removing them
+    Show {
+        #[command(flatten)]
+        queue: QueueArgs,
+        /// Messages to print at most
+        #[arg(long, default_value_t = 20, value_name = "N")]
+        limit: usize,
+    },
+    /// Move every dead-lettered message back to the task queue (SQS)
+    Redrive {
+        #[command(flatten)]
+        queue: QueueArgs,
+    },
+}
+
 #[derive(Debug, Args)]
 struct QueueArgs {
-    /// Queue URL: amqp://user:password@host:5672/vhost/queue (vhost `/` is %2f and may be left out)
+    /// Queue: amqp://user:password@host:5672/vhost/queue (vhost `/` is %2f and may be left out),
+    /// sqs://NAME, or an SQS queue URL
     #[arg(long, env = "CLOUDML_QUEUE", value_name = "URL")]
     queue: String,
+    /// SQS endpoint, for emulators [default: AWS_ENDPOINT_URL, else the AWS endpoint of the region]
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
     /// Use the existing queue as it is; declare no queue, exchange or binding
     #[arg(long)]
     no_declare: bool,
@@ -90,10 +134,14 @@ struct QueueArgs {
 }
 
 impl QueueArgs {
-    fn topology(&self) -> Topology {
-        Topology {
-            no_declare: self.no_declare,
-            quorum_delivery_limit: self.quorum_delivery_limit,
+    fn target(&self) -> QueueTarget<'_> {
+        QueueTarget {
+            url: &self.queue,
+            topology: Topology {
+                no_declare: self.no_declare,
+                quorum_delivery_limit: self.quorum_delivery_limit,
+            },
+            endpoint_url: self.endpoint_url.as_deref(),
         }
     }
 }
@@ -131,6 +179,8 @@ async fn main() -> ExitCode {
         | Command::Config
         | Command::Enqueue { .. }
         | Command::Status { .. }
+        | Command::Dlq { .. }
+        | Command::Invoke { .. }
         | Command::DeleteQueue { .. } => Overrides {
             tracking_uri: cli.global.tracking_uri.clone(),
             log_format: cli.global.log_format.clone(),
@@ -150,23 +200,44 @@ async fn main() -> ExitCode {
     let result = match cli.command {
         Command::Validate { file } => validate(&file),
         Command::Config => print_settings(&settings),
-        Command::DeleteQueue { queue } => remote::delete_queue(&queue).await,
-        Command::Enqueue { file, queue } => {
-            remote::enqueue(&file, &queue.queue, queue.topology()).await
+        Command::Invoke {
+            file,
+            function,
+            concurrency,
+            payload_format,
+            endpoint_url,
+        } => {
+            let original = payload_format == "original";
+            invoke::invoke(
+                &file,
+                &function,
+                concurrency,
+                original,
+                endpoint_url.as_deref(),
+            )
+            .await
         }
+        Command::DeleteQueue { queue } => remote::delete_queue(&queue.target()).await,
+        Command::Enqueue { file, queue } => remote::enqueue(&file, &queue.target()).await,
         Command::Status {
             queue,
             sweep,
             experiment,
         } => {
             remote::status(
-                &queue.queue,
+                &queue.target(),
                 sweep.as_deref(),
                 experiment.as_deref(),
                 &settings,
             )
             .await
         }
+        Command::Dlq {
+            action: DlqAction::Show { queue, limit },
+        } => remote::dead_letters(&queue.target(), false, limit).await,
+        Command::Dlq {
+            action: DlqAction::Redrive { queue },
+        } => remote::dead_letters(&queue.target(), true, 0).await,
         Command::Run(args) => local_run::run(&args.file, &settings, &args.output).await,
     };
     match result {

@@ -56,3 +56,56 @@ where
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Creates an SQS queue and its dead-letter queue on the emulator named by `AWS_ENDPOINT_URL`
+/// (scripts/test.sh starts moto), with a redrive policy after `max_receive_count` receives.
+/// Returns the task queue's URL and the dead-letter queue's URL.
+pub async fn create_sqs_queue(
+    name: &str,
+    visibility_timeout: u32,
+    max_receive_count: u32,
+) -> (String, String) {
+    use aws_sdk_sqs::types::QueueAttributeName;
+
+    let endpoint = std::env::var("AWS_ENDPOINT_URL").unwrap_or_else(|_| {
+        panic!("AWS_ENDPOINT_URL is not set: the SQS tests need moto on loopback; run scripts/test.sh, which starts it")
+    });
+    assert!(
+        endpoint.starts_with("http://127.0.0.1:"),
+        "AWS_ENDPOINT_URL = {endpoint}, expected a loopback emulator"
+    );
+    let client = crate::queue::sqs::client(None).await;
+    let dlq = client
+        .create_queue()
+        .queue_name(format!("{name}-dlq"))
+        .send()
+        .await
+        .expect("create dead-letter queue");
+    let dlq_url = dlq.queue_url().expect("dead-letter queue URL").to_string();
+    let dlq_arn = client
+        .get_queue_attributes()
+        .queue_url(&dlq_url)
+        .attribute_names(QueueAttributeName::QueueArn)
+        .send()
+        .await
+        .expect("dead-letter queue attributes")
+        .attributes()
+        .and_then(|attributes| attributes.get(&QueueAttributeName::QueueArn).cloned())
+        .expect("dead-letter queue ARN");
+    let policy = serde_json::json!({"deadLetterTargetArn": dlq_arn, "maxReceiveCount": max_receive_count.to_string()});
+    let queue = client
+        .create_queue()
+        .queue_name(name)
+        .attributes(
+            QueueAttributeName::VisibilityTimeout,
+            visibility_timeout.to_string(),
+        )
+        .attributes(QueueAttributeName::RedrivePolicy, policy.to_string())
+        .send()
+        .await
+        .expect("create task queue");
+    (
+        queue.queue_url().expect("task queue URL").to_string(),
+        dlq_url,
+    )
+}

@@ -1,5 +1,7 @@
 //! `cloudml-worker`: trains tasks and records them in MLflow. One binary for every mode.
 
+mod lambda;
+
 use std::io::Read;
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -11,11 +13,11 @@ use clap::{Args, Parser, Subcommand};
 use cloudml_shared::config::{init_logging, Overrides, Settings};
 use cloudml_shared::execute::{DeliveryContext, Executor};
 use cloudml_shared::queue::amqp::{AmqpQueue, Topology};
-use cloudml_shared::queue::QueueUrl;
+use cloudml_shared::queue::sqs::{self, SqsQueue};
+use cloudml_shared::queue::{QueueUrl, TaskQueue};
 use cloudml_shared::sweep::Sweep;
 use cloudml_shared::tracking::MlflowClient;
 use cloudml_shared::worker::{run_worker, WorkerConfig};
-use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -27,8 +29,9 @@ use tokio_util::sync::CancellationToken;
 struct Cli {
     #[command(flatten)]
     global: GlobalArgs,
+    /// The mode; without one, Lambda mode when AWS_LAMBDA_RUNTIME_API is set
     #[command(subcommand)]
-    command: Command,
+    command: Option<Command>,
 }
 
 /// Options shared by every mode; each overrides `cloudml.toml` and `CLOUDML_*` variables.
@@ -55,6 +58,8 @@ struct GlobalArgs {
 enum Command {
     /// Consume a queue and train its tasks until stopped (SIGTERM or SIGINT)
     Run(RunArgs),
+    /// Serve AWS Lambda events (SQS batches and direct invocations) through the Lambda Runtime API
+    Lambda,
     /// Train one task from a file, or from stdin with `-`, and print a JSON summary
     Once {
         /// Task file (.toml or .json), task message, or original payload; `-` reads stdin
@@ -67,6 +72,9 @@ struct RunArgs {
     /// Queue URL: amqp://user:password@host:5672/vhost/queue (vhost `/` is %2f and may be left out)
     #[arg(long, env = "CLOUDML_QUEUE", value_name = "URL")]
     queue: String,
+    /// SQS endpoint, for emulators [default: AWS_ENDPOINT_URL, else the AWS endpoint of the region]
+    #[arg(long, value_name = "URL")]
+    endpoint_url: Option<String>,
     /// Tasks trained at once by this process; also the AMQP prefetch count
     #[arg(long, default_value_t = 1, value_name = "N")]
     concurrency: u16,
@@ -106,9 +114,18 @@ async fn main() -> ExitCode {
     };
     init_logging(&settings.log_format, "info");
 
-    let result = match cli.command {
+    let command = match cli.command {
+        Some(command) => command,
+        None if std::env::var_os("AWS_LAMBDA_RUNTIME_API").is_some() => Command::Lambda,
+        None => {
+            eprintln!("error: a mode is required (once, run or lambda); see cloudml-worker --help");
+            return ExitCode::from(2);
+        }
+    };
+    let result = match command {
         Command::Once { file } => once(&file, &settings).await,
         Command::Run(args) => run(&args, &settings).await,
+        Command::Lambda => lambda_mode(&settings).await,
     };
     match result {
         Ok(code) => code,
@@ -122,18 +139,23 @@ async fn main() -> ExitCode {
 
 /// Consumes a queue until a signal, `--max-tasks` or `--exit-when-idle` stops it.
 async fn run(args: &RunArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
-    let executor = Arc::new(Executor::new(
-        MlflowClient::new(&settings.tracking())?,
-        settings.train_options()?,
-        "amqp",
-    ));
-    let QueueUrl::Amqp(address) = QueueUrl::parse(&args.queue)?;
-    let topology = Topology {
-        no_declare: args.no_declare,
-        quorum_delivery_limit: args.quorum_delivery_limit,
+    let mlflow = MlflowClient::new(&settings.tracking())?;
+    let (queue, runtime): (Arc<dyn TaskQueue>, &str) = match QueueUrl::parse(&args.queue)? {
+        QueueUrl::Amqp(address) => {
+            let topology = Topology {
+                no_declare: args.no_declare,
+                quorum_delivery_limit: args.quorum_delivery_limit,
+            };
+            let queue = AmqpQueue::new(address, topology, args.concurrency, settings.max_attempts);
+            queue.connect().await?;
+            (Arc::new(queue), "amqp")
+        }
+        QueueUrl::Sqs(address) => {
+            let client = sqs::client(args.endpoint_url.as_deref()).await;
+            (Arc::new(SqsQueue::connect(client, &address).await?), "sqs")
+        }
     };
-    let queue = AmqpQueue::new(address, topology, args.concurrency, settings.max_attempts);
-    queue.connect().await?;
+    let executor = Arc::new(Executor::new(mlflow, settings.train_options()?, runtime));
 
     let shutdown = CancellationToken::new();
     tokio::spawn(cancel_on_signal(shutdown.clone()));
@@ -141,11 +163,12 @@ async fn run(args: &RunArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
         concurrency: usize::from(args.concurrency.max(1)),
         max_tasks: args.max_tasks,
         exit_when_idle: args.exit_when_idle.map(Duration::from_secs),
-        poll_wait: Duration::from_secs(5),
+        // Long polling (SQS allows up to 20 s), shorter when an idle limit must be noticed sooner.
+        poll_wait: Duration::from_secs(args.exit_when_idle.map_or(20, |idle| idle.clamp(1, 20))),
         retry_base_delay: settings.retry_base_delay(),
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
     };
-    let summary = run_worker(Arc::new(queue), executor, config, shutdown, None).await;
+    let summary = run_worker(queue, executor, config, shutdown, None).await;
     Ok(if summary.failed == 0 {
         ExitCode::SUCCESS
     } else {
@@ -173,6 +196,16 @@ async fn cancel_on_signal(shutdown: CancellationToken) {
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received, stopping"),
     }
     shutdown.cancel();
+}
+
+async fn lambda_mode(settings: &Settings) -> anyhow::Result<ExitCode> {
+    let executor = Executor::new(
+        MlflowClient::new(&settings.tracking())?,
+        settings.train_options()?,
+        "lambda",
+    );
+    lambda::serve(Arc::new(executor)).await?;
+    Ok(ExitCode::SUCCESS)
 }
 
 /// Trains a single task without a queue.
@@ -210,15 +243,7 @@ async fn once(file: &str, settings: &Settings) -> anyhow::Result<ExitCode> {
         queue_wait: None,
     };
     let report = executor.execute(&expanded.task, &context).await?;
-    let summary = json!({
-        "task_id": report.task_id,
-        "run_id": report.run_id,
-        "experiment_id": report.experiment_id,
-        "status": "FINISHED",
-        "already_finished": report.already_finished,
-        "metrics": report.test_metrics.iter().cloned().collect::<std::collections::BTreeMap<_, _>>(),
-        "duration_seconds": report.duration.as_secs_f64(),
-    });
+    let summary = lambda::summary(&report);
     println!("{summary}");
     Ok(ExitCode::SUCCESS)
 }

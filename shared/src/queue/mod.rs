@@ -2,6 +2,7 @@
 
 pub mod amqp;
 pub mod local;
+pub mod sqs;
 
 use std::time::{Duration, SystemTime};
 
@@ -11,6 +12,7 @@ use async_trait::async_trait;
 #[derive(Debug, Clone)]
 pub enum QueueUrl {
     Amqp(amqp::AmqpAddress),
+    Sqs(sqs::SqsAddress),
 }
 
 impl QueueUrl {
@@ -18,13 +20,13 @@ impl QueueUrl {
         let scheme = url.split("://").next().unwrap_or_default();
         match scheme {
             "amqp" | "amqps" => Ok(QueueUrl::Amqp(amqp::AmqpAddress::parse(url)?)),
-            "sqs" | "https" => Err(QueueError::new(
-                "parse URL",
-                "SQS queues are not supported by this build yet; use amqp:// or run locally with `cloudml run`",
-            )),
+            // SQS queue URLs are http(s); emulators such as moto serve plain http.
+            "sqs" | "https" | "http" => Ok(QueueUrl::Sqs(sqs::SqsAddress::parse(url)?)),
             _ => Err(QueueError::new(
                 "parse URL",
-                format!("unsupported queue URL scheme {scheme:?}, expected amqp:// or amqps://"),
+                format!(
+                    "unsupported queue URL scheme {scheme:?}, expected amqp://, amqps://, sqs://NAME or an SQS queue URL"
+                ),
             )),
         }
     }

@@ -1,0 +1,324 @@
+//! Worker fleets on SQS, emulated by moto on loopback (scripts/test.sh starts it and sets
+//! AWS_ENDPOINT_URL and dummy credentials): `cloudml enqueue`, `status`, `dlq` and
+//! `cloudml-worker run` processes against a real MLflow server.
+
+#![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::Duration;
+
+use cloudml_shared::execute::{TAG_ERROR, TAG_SWEEP_ID, TAG_TASK_ID};
+use cloudml_shared::testing::{create_sqs_queue, mlflow, tracking_uri, unique_experiment};
+use cloudml_shared::tracking::{RunInfo, RunStatus};
+
+fn queue_name(test: &str) -> String {
+    let suffix = unique_experiment("q");
+    format!(
+        "cloudml-{test}-{}",
+        suffix.rsplit('-').next().unwrap_or_default()
+    )
+}
+
+fn worker_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_cloudml")).with_file_name("cloudml-worker");
+    assert!(
+        path.exists(),
+        "{} not built; run the whole workspace's tests",
+        path.display()
+    );
+    path
+}
+
+fn start_worker(queue: &str, extra: &[&str]) -> Child {
+    Command::new(worker_binary())
+        .args(["--log-format", "json", "run", "--queue", queue])
+        .args(extra)
+        .env("MLFLOW_TRACKING_URI", tracking_uri())
+        .env("CLOUDML_RETRY_BASE_DELAY_SECONDS", "0")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("start cloudml-worker")
+}
+
+fn cloudml(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_cloudml"))
+        .args(args)
+        .env("MLFLOW_TRACKING_URI", tracking_uri())
+        .output()
+        .expect("run cloudml")
+}
+
+fn enqueue(file: &Path, queue: &str) -> String {
+    let output = cloudml(&["enqueue", &file.display().to_string(), "--queue", queue]);
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).trim().to_string()
+}
+
+fn write_sweep(
+    directory: &Path,
+    experiment: &str,
+    epochs: u32,
+    count: usize,
+    dataset: &str,
+) -> PathBuf {
+    let seeds = (0..count)
+        .map(|seed| seed.to_string())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let text = format!(
+        r#"
+[base]
+experiment = "{experiment}"
+loss = "sparse_categorical_crossentropy"
+metrics = ["accuracy"]
+epochs = {epochs}
+batch_size = 8
+optimizer = {{ name = "adam" }}
+dataset = {dataset}
+model = {{ layers = [ {{ type = "dense", units = 64, activation = "relu" }}, {{ type = "dense", units = 10, activation = "softmax" }} ] }}
+
+[grid]
+seed = [{seeds}]
+"#
+    );
+    let path = directory.join("sweep.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+const DIGITS: &str = r#"{ kind = "example", name = "digits" }"#;
+
+async fn sweep_runs(experiment: &str, sweep_id: &str) -> Vec<RunInfo> {
+    let client = mlflow();
+    let experiment_id = client.get_or_create_experiment(experiment).await.unwrap();
+    client
+        .search_runs_by_tag(&experiment_id, TAG_SWEEP_ID, sweep_id)
+        .await
+        .unwrap()
+}
+
+async fn finished_task_ids(experiment: &str, sweep_id: &str) -> Vec<String> {
+    let client = mlflow();
+    let mut ids = Vec::new();
+    for run in sweep_runs(experiment, sweep_id).await {
+        if run.status == RunStatus::Finished {
+            let stored = client.get_run(&run.run_id).await.unwrap();
+            let tags = stored["data"]["tags"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            if let Some(id) = tags.iter().find(|tag| tag["key"] == TAG_TASK_ID) {
+                ids.push(id["value"].as_str().unwrap_or_default().to_string());
+            }
+        }
+    }
+    ids.sort();
+    ids
+}
+
+fn status_line(queue: &str, label: &str) -> u64 {
+    let output = cloudml(&["status", "--queue", queue]);
+    let stdout = String::from_utf8_lossy(&output.stdout).to_string();
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .find_map(|line| line.trim().strip_prefix(label))
+        .and_then(|rest| rest.split_whitespace().next())
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no {label:?} line in: {stdout}"))
+}
+
+#[tokio::test]
+async fn sweep_through_two_workers() {
+    let name = queue_name("sweep");
+    create_sqs_queue(&name, 30, 3).await;
+    let queue = format!("sqs://{name}");
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("sqs-sweep");
+    let sweep_id = enqueue(
+        &write_sweep(directory.path(), &experiment, 2, 12, DIGITS),
+        &queue,
+    );
+    assert_eq!(status_line(&queue, "visible:"), 12);
+
+    let workers: Vec<Child> = (0..2)
+        .map(|_| start_worker(&queue, &["--concurrency", "2", "--exit-when-idle", "3"]))
+        .collect();
+    for worker in workers {
+        let output = worker.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    let finished = finished_task_ids(&experiment, &sweep_id).await;
+    let mut distinct = finished.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 12, "{finished:?}");
+    assert_eq!(
+        finished.len(),
+        12,
+        "a task has two FINISHED runs: {finished:?}"
+    );
+    assert_eq!(status_line(&queue, "visible:"), 0);
+    assert_eq!(status_line(&queue, "in flight:"), 0);
+}
+
+#[tokio::test]
+async fn killed_worker_task_is_redelivered() {
+    let name = queue_name("kill");
+    // A short visibility timeout so the killed worker's message returns quickly.
+    create_sqs_queue(&name, 2, 5).await;
+    let queue = format!("sqs://{name}");
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("sqs-kill");
+    let sweep_id = enqueue(
+        &write_sweep(directory.path(), &experiment, 40, 1, DIGITS),
+        &queue,
+    );
+
+    let mut first = start_worker(&queue, &[]);
+    let mut running = false;
+    for _ in 0..300 {
+        if sweep_runs(&experiment, &sweep_id)
+            .await
+            .iter()
+            .any(|run| run.status == RunStatus::Running)
+        {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the first worker never started the task");
+    first.kill().unwrap();
+    let _ = first.wait();
+
+    let second = start_worker(&queue, &["--exit-when-idle", "5"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        second.status.success(),
+        "{}",
+        String::from_utf8_lossy(&second.stderr)
+    );
+
+    let runs = sweep_runs(&experiment, &sweep_id).await;
+    let count = |status| runs.iter().filter(|run| run.status == status).count();
+    assert_eq!(count(RunStatus::Finished), 1, "{runs:?}");
+    assert_eq!(count(RunStatus::Killed), 1, "{runs:?}");
+    assert_eq!(count(RunStatus::Running), 0, "{runs:?}");
+}
+
+#[tokio::test]
+async fn failures_reach_dead_letter_queue() {
+    let name = queue_name("dlq");
+    let (url, _) = create_sqs_queue(&name, 30, 2).await;
+    let queue = format!("sqs://{name}");
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("sqs-dlq");
+    let missing = directory.path().join("missing.csv").display().to_string();
+    let failing = write_sweep(
+        directory.path(),
+        &experiment,
+        1,
+        1,
+        &format!("{{ kind = \"csv\", source = {missing:?} }}"),
+    );
+    let sweep_id = enqueue(&failing, &queue);
+
+    let client = cloudml_shared::queue::sqs::client(None).await;
+    client
+        .send_message()
+        .queue_url(&url)
+        .message_body("{not json")
+        .send()
+        .await
+        .unwrap();
+
+    let worker = start_worker(&queue, &["--exit-when-idle", "3"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        !worker.status.success(),
+        "failures make the worker exit non-zero"
+    );
+    let stderr = String::from_utf8_lossy(&worker.stderr);
+    assert!(stderr.contains("message rejected"), "{stderr}");
+
+    assert_eq!(status_line(&queue, "dead-lettered:"), 2);
+    assert_eq!(status_line(&queue, "visible:"), 0);
+
+    let shown = cloudml(&["dlq", "show", "--queue", &queue]);
+    let listing = String::from_utf8_lossy(&shown.stdout);
+    assert!(listing.contains("{not json"), "{listing}");
+    assert!(
+        listing.contains(&sweep_id),
+        "the failed task is listed: {listing}"
+    );
+
+    // The failing task's runs are FAILED with the error recorded, one per receive.
+    let client = mlflow();
+    let runs = sweep_runs(&experiment, &sweep_id).await;
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for run in &runs {
+        assert_eq!(run.status, RunStatus::Failed);
+        let stored = client.get_run(&run.run_id).await.unwrap();
+        let tags = stored["data"]["tags"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let error = tags
+            .iter()
+            .find(|tag| tag["key"] == TAG_ERROR)
+            .and_then(|tag| tag["value"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        assert!(error.contains("cannot read dataset"), "{error}");
+    }
+
+    let redriven = cloudml(&["dlq", "redrive", "--queue", &queue]);
+    assert!(
+        redriven.status.success(),
+        "{}",
+        String::from_utf8_lossy(&redriven.stderr)
+    );
+    assert_eq!(status_line(&queue, "dead-lettered:"), 0);
+    assert_eq!(status_line(&queue, "visible:"), 2);
+}
+
+#[test]
+fn oversized_message_rejected_before_sending() {
+    let directory = tempfile::tempdir().unwrap();
+    let tags: Vec<String> = (0..60)
+        .map(|index| format!("tag{index} = \"{}\"", "x".repeat(5000)))
+        .collect();
+    let text = format!(
+        "experiment = \"e\"\nloss = \"mse\"\nepochs = 1\nbatch_size = 1\ndataset = {{ kind = \"synthetic\" }}\nmodel = {{ layers = [ {{ type = \"dense\", units = 1 }} ] }}\n[tags]\n{}\n",
+        tags.join("\n")
+    );
+    let path = directory.path().join("big.toml");
+    std::fs::write(&path, text).unwrap();
+    // The queue does not exist: the size check must fail first, before any request.
+    let output = cloudml(&[
+        "enqueue",
+        &path.display().to_string(),
+        "--queue",
+        "sqs://never-created",
+    ]);
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("expected at most 262144 bytes"), "{stderr}");
+}
