@@ -7,14 +7,19 @@ set -euo pipefail
 source "$(dirname "$0")/env.sh"
 cd "$CLOUDML_ROOT"
 
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
 ensure_libtorch
 ensure_mlflow
 ensure_moto
+ensure_cargo_lambda
 
 state="$(mktemp -d)"
 cleanup() {
   "$CLOUDML_ROOT/scripts/mlflow.sh" stop "$state" || true
   "$CLOUDML_ROOT/scripts/moto.sh" stop "$state" || true
+  "$CLOUDML_ROOT/scripts/lambda-emulator.sh" stop "$state" || true
   rm -rf "$state"
 }
 trap cleanup EXIT
@@ -24,8 +29,13 @@ log "MLflow for tests at $CLOUDML_TEST_TRACKING_URI"
 use_aws_emulator "$("$CLOUDML_ROOT/scripts/moto.sh" start "$state")"
 log "moto (SQS) for tests at $AWS_ENDPOINT_URL"
 
-log "cargo fmt --check"
-cargo fmt --all -- --check
+# The Lambda emulator's function processes run the release worker binary, so build it first.
+log "cargo build --release"
+cargo build --release --workspace
+CLOUDML_TEST_LAMBDA_ENDPOINT="$(MLFLOW_TRACKING_URI="$CLOUDML_TEST_TRACKING_URI" \
+  "$CLOUDML_ROOT/scripts/lambda-emulator.sh" start "$state" 2)"
+export CLOUDML_TEST_LAMBDA_ENDPOINT
+log "Lambda emulator for tests at $CLOUDML_TEST_LAMBDA_ENDPOINT"
 
 # Tests build in release mode: training real models in debug builds is slow, and the main job and
 # the benchmark reuse the same artifacts.

@@ -51,7 +51,8 @@ struct Handler {
 impl Handler {
     async fn handle(&self, event: LambdaEvent<Value>) -> Result<Value, lambda_runtime::Error> {
         let (payload, context) = event.into_parts();
-        let deadline = UNIX_EPOCH + Duration::from_millis(context.deadline);
+        let deadline = deadline_from(context.deadline, SystemTime::now());
+        tracing::debug!(deadline_ms = context.deadline, request_id = %context.request_id, "event received");
         if is_sqs_event(&payload) {
             let event: SqsEvent = serde_json::from_value(payload)?;
             let response = self.handle_sqs(event, deadline).await;
@@ -159,6 +160,20 @@ impl Handler {
     }
 }
 
+/// Epoch milliseconds below this (2001-09-09) cannot be a deadline, so they are read as a duration.
+const EARLIEST_EPOCH_DEADLINE_MS: u64 = 1_000_000_000_000;
+
+/// Converts the Runtime API's `Lambda-Runtime-Deadline-Ms` to a time. AWS sends epoch milliseconds.
+// NOTE: the cargo-lambda 1.9 emulator sends the function timeout in milliseconds instead, which is
+// taken as time from now; a real deadline is never that small.
+fn deadline_from(deadline_ms: u64, now: SystemTime) -> SystemTime {
+    if deadline_ms < EARLIEST_EPOCH_DEADLINE_MS {
+        now + Duration::from_millis(deadline_ms)
+    } else {
+        UNIX_EPOCH + Duration::from_millis(deadline_ms)
+    }
+}
+
 /// Whether a task as long as the longest seen so far still fits before the deadline.
 fn fits(remaining: Duration, longest_task: Duration) -> bool {
     remaining > longest_task + DEADLINE_MARGIN
@@ -199,6 +214,16 @@ mod tests {
     #[test]
     fn another_task_does_not_fit() {
         assert!(!fits(Duration::from_secs(4), Duration::from_secs(3)));
+    }
+
+    #[test]
+    fn deadline_epoch_or_duration() {
+        let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        assert_eq!(
+            deadline_from(1_800_000_060_000, now),
+            now + Duration::from_secs(60)
+        );
+        assert_eq!(deadline_from(600_000, now), now + Duration::from_secs(600));
     }
 
     #[test]
