@@ -50,3 +50,13 @@ MLFLOW_TRACKING_URI="$uri" "$CARGO_TARGET_DIR/release/cloudml-worker" --log-form
 ended=$(date +%s.%N)
 awk -v start="$started" -v end="$ended" 'BEGIN { printf "one worker: 200 tasks in %.1f s, %.1f tasks/s (each to a FINISHED MLflow run)\n", end - start, 200 / (end - start) }'
 "$cloudml" delete-queue --queue "$queue" 2>/dev/null
+
+echo "== SQS on moto (loopback): one worker (concurrency 1) trains 200 original tasks"
+use_aws_emulator "$("$CLOUDML_ROOT/scripts/moto.sh" start "$state")"
+trap '"$CLOUDML_ROOT/scripts/moto.sh" stop "$state" || true; cleanup' EXIT
+"$MOTO_VENV/bin/python3" -c 'import boto3; boto3.client("sqs").create_queue(QueueName="cloudml-bench")'
+"$cloudml" enqueue "$state/original-200.toml" --queue sqs://cloudml-bench 2>&1 >/dev/null | grep enqueued
+started=$(date +%s.%N)
+MLFLOW_TRACKING_URI="$uri" "$CARGO_TARGET_DIR/release/cloudml-worker" --log-format json run --queue sqs://cloudml-bench --max-tasks 200 >/dev/null 2>&1
+ended=$(date +%s.%N)
+awk -v start="$started" -v end="$ended" 'BEGIN { printf "one worker: 200 tasks in %.1f s, %.1f tasks/s (each to a FINISHED MLflow run)\n", end - start, 200 / (end - start) }'

@@ -195,7 +195,7 @@ async fn main() -> ExitCode {
         }
     };
     // Progress bars own the terminal during runs; only warnings and errors are logged by default.
-    init_logging(&settings.log_format, "warn");
+    init_logging(&settings.log_format, "warn,lapin=off");
 
     let result = match cli.command {
         Command::Validate { file } => validate(&file),

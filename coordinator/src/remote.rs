@@ -120,7 +120,9 @@ pub async fn enqueue(file: &Path, target: &QueueTarget<'_>) -> anyhow::Result<Ex
         started.elapsed().as_secs_f64()
     );
     // The sweep id alone on stdout, for scripts: `cloudml status --sweep "$(cloudml enqueue ...)"`.
-    println!("{}", sweep.id);
+    if failures.len() < total {
+        println!("{}", sweep.id);
+    }
     Ok(if failures.is_empty() {
         ExitCode::SUCCESS
     } else {

@@ -227,6 +227,12 @@ fn settings_layer_in_order() {
         "{text}"
     );
 
+    std::fs::write(directory.path().join("typo.toml"), "wrokers = 2\n").unwrap();
+    let typo = cloudml(&["config", "--config", "typo.toml"], directory.path(), &[]);
+    let stderr = String::from_utf8_lossy(&typo.stderr);
+    assert_eq!(typo.status.code(), Some(2));
+    assert!(stderr.contains("unknown setting \"wrokers\""), "{stderr}");
+
     let invalid = cloudml(&["config"], directory.path(), &[("CLOUDML_WORKERS", "0")]);
     let stderr = String::from_utf8_lossy(&invalid.stderr);
     assert_eq!(invalid.status.code(), Some(2));

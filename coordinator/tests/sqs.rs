@@ -223,6 +223,55 @@ async fn killed_worker_task_is_redelivered() {
 }
 
 #[tokio::test]
+async fn heartbeat_keeps_long_task_invisible() {
+    let name = queue_name("heartbeat");
+    // A 2 s visibility timeout and a task that trains for several seconds: without the heartbeat
+    // the second worker would receive the message mid-training and train it again.
+    create_sqs_queue(&name, 2, 5).await;
+    let queue = format!("sqs://{name}");
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("sqs-heartbeat");
+    let sweep_id = enqueue(
+        &write_sweep(directory.path(), &experiment, 200, 1, DIGITS),
+        &queue,
+    );
+
+    let workers: Vec<Child> = (0..2)
+        .map(|_| start_worker(&queue, &["--exit-when-idle", "4"]))
+        .collect();
+    for worker in workers {
+        let output = worker.wait_with_output().unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    let runs = sweep_runs(&experiment, &sweep_id).await;
+    assert_eq!(
+        runs.len(),
+        1,
+        "the task was trained more than once: {runs:?}"
+    );
+    assert_eq!(runs[0].status, RunStatus::Finished);
+    let train_seconds = mlflow().get_run(&runs[0].run_id).await.unwrap()["data"]["metrics"]
+        .as_array()
+        .and_then(|metrics| {
+            metrics
+                .iter()
+                .find(|metric| metric["key"] == "train_seconds")
+                .cloned()
+        })
+        .and_then(|metric| metric["value"].as_f64())
+        .unwrap_or(0.0);
+    assert!(
+        train_seconds > 2.0,
+        "the task must outlast the visibility timeout, trained {train_seconds} s"
+    );
+}
+
+#[tokio::test]
 async fn failures_reach_dead_letter_queue() {
     let name = queue_name("dlq");
     let (url, _) = create_sqs_queue(&name, 30, 2).await;

@@ -83,6 +83,7 @@ impl Settings {
                 file.display()
             )));
         }
+        check_file_keys(&file)?;
         builder = builder.add_source(
             config::File::from(file)
                 .format(config::FileFormat::Toml)
@@ -175,16 +176,62 @@ impl Settings {
         TrackingConfig::with_env_credentials(self.tracking_uri.clone(), self.tracking_retries)
     }
 
+    /// Returns the training options, checking that a requested CUDA device exists.
     pub fn train_options(&self) -> Result<TrainOptions, ConfigError> {
+        let device = parse_device(&self.device).map_err(ConfigError)?;
+        if let tch::Device::Cuda(index) = device {
+            let available = if tch::Cuda::is_available() {
+                tch::Cuda::device_count()
+            } else {
+                0
+            };
+            if index as i64 >= available {
+                return Err(ConfigError(format!(
+                    "device = {:?}, but libtorch sees {available} CUDA device(s); use cpu, or a CUDA build of libtorch on a GPU machine",
+                    self.device
+                )));
+            }
+        }
         Ok(TrainOptions {
             threads: self.threads_per_task,
-            device: parse_device(&self.device).map_err(ConfigError)?,
+            device,
         })
     }
 
     pub fn retry_base_delay(&self) -> std::time::Duration {
         std::time::Duration::from_secs_f64(self.retry_base_delay_seconds)
     }
+}
+
+/// Keys a settings file may contain.
+const KNOWN_KEYS: &[&str] = &[
+    "tracking_uri",
+    "tracking_retries",
+    "workers",
+    "threads_per_task",
+    "device",
+    "max_attempts",
+    "retry_base_delay_seconds",
+    "log_format",
+];
+
+/// Rejects unknown keys in the settings file, so a typo does not silently leave a default in force.
+fn check_file_keys(file: &Path) -> Result<(), ConfigError> {
+    let Ok(text) = std::fs::read_to_string(file) else {
+        return Ok(());
+    };
+    let table: toml::Table = toml::from_str(&text)
+        .map_err(|err| ConfigError(format!("{} is not valid TOML: {err}", file.display())))?;
+    for key in table.keys() {
+        if !KNOWN_KEYS.contains(&key.as_str()) {
+            return Err(ConfigError(format!(
+                "{}: unknown setting {key:?}, expected one of {}",
+                file.display(),
+                KNOWN_KEYS.join(", ")
+            )));
+        }
+    }
+    Ok(())
 }
 
 /// Starts `tracing` output on stderr: readable text on a terminal, JSON lines elsewhere (Lambda,

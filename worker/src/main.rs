@@ -112,7 +112,8 @@ async fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    init_logging(&settings.log_format, "info");
+    // lapin logs every connection failure itself, verbosely; the worker reports them once.
+    init_logging(&settings.log_format, "info,lapin=off");
 
     let command = match cli.command {
         Some(command) => command,
@@ -130,7 +131,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(err) => {
-            tracing::error!(error = format!("{err:#}"), "task failed");
+            tracing::error!(error = format!("{err:#}"), "stopped with an error");
             eprintln!("error: {err:#}");
             ExitCode::FAILURE
         }
@@ -169,11 +170,13 @@ async fn run(args: &RunArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
         shutdown_grace: Duration::from_secs(args.shutdown_grace),
     };
     let summary = run_worker(queue, executor, config, shutdown, None).await;
-    Ok(if summary.failed == 0 {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
-    })
+    let code = i32::from(summary.failed > 0);
+    if summary.released > 0 {
+        // Released tasks may still be training on blocking threads, which cannot be interrupted and
+        // which the runtime would wait for on return; their messages are back in the queue already.
+        std::process::exit(code);
+    }
+    Ok(ExitCode::from(code as u8))
 }
 
 /// Cancels `shutdown` on the first SIGTERM (Kubernetes, Lambda) or SIGINT (Ctrl-C).

@@ -75,10 +75,16 @@ impl AmqpAddress {
         let (vhost, queue) = match segments.as_slice() {
             [queue] => ("%2f".to_string(), queue.clone()),
             [vhost, queue] => (vhost.clone(), queue.clone()),
-            _ => {
+            [] => {
                 return Err(invalid(
                     "missing queue name, expected amqp://host:5672/vhost/queue or amqp://host:5672/queue".into(),
                 ))
+            }
+            more => {
+                return Err(invalid(format!(
+                    "{} path segments, expected amqp://host:5672/vhost/queue (encode a / in the vhost as %2f)",
+                    more.len()
+                )))
             }
         };
         let queue = percent_decode(&queue);
