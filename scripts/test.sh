@@ -29,6 +29,11 @@ log "MLflow for tests at $CLOUDML_TEST_TRACKING_URI"
 use_aws_emulator "$("$CLOUDML_ROOT/scripts/moto.sh" start "$state")"
 log "moto (SQS) for tests at $AWS_ENDPOINT_URL"
 
+# `cloudml status` reads unacknowledged counts from RabbitMQ's management API; the plugin is off by
+# default on Debian's RabbitMQ, and enabling it is idempotent.
+log "enabling rabbitmq_management"
+rabbitmq-plugins enable rabbitmq_management >/dev/null
+
 # The Lambda emulator's function processes run the release worker binary, so build it first.
 log "cargo build --release"
 cargo build --release --workspace

@@ -125,6 +125,9 @@ struct QueueArgs {
     /// SQS endpoint, for emulators [default: AWS_ENDPOINT_URL, else the AWS endpoint of the region]
     #[arg(long, value_name = "URL")]
     endpoint_url: Option<String>,
+    /// RabbitMQ management API, for the unacknowledged count [default: http://BROKER_HOST:15672]
+    #[arg(long, env = "CLOUDML_RABBITMQ_MANAGEMENT_URL", value_name = "URL")]
+    management_url: Option<String>,
     /// Use the existing queue as it is; declare no queue, exchange or binding
     #[arg(long)]
     no_declare: bool,
@@ -142,6 +145,7 @@ impl QueueArgs {
                 quorum_delivery_limit: self.quorum_delivery_limit,
             },
             endpoint_url: self.endpoint_url.as_deref(),
+            management_url: self.management_url.as_deref(),
         }
     }
 }

@@ -24,6 +24,8 @@ pub struct QueueTarget<'a> {
     pub url: &'a str,
     pub topology: Topology,
     pub endpoint_url: Option<&'a str>,
+    /// RabbitMQ management API; by default the broker's host on port 15672.
+    pub management_url: Option<&'a str>,
 }
 
 fn progress_bar(total: usize, label: &str) -> ProgressBar {
@@ -142,13 +144,21 @@ pub async fn status(
             println!("queue {}", address.display);
             println!("  ready:          {}", depth.ready);
             println!("  consumers:      {}", depth.consumers);
+            // AMQP reports no unacknowledged count; the management API does.
+            let management_url = target
+                .management_url
+                .unwrap_or(&address.default_management_url);
+            match amqp::management_counts(&address, management_url).await {
+                Ok((_, unacknowledged)) => println!("  unacknowledged: {unacknowledged}"),
+                Err(err) => println!(
+                    "  unacknowledged: unknown ({err}; enable the rabbitmq_management plugin or pass --management-url)"
+                ),
+            }
             println!(
                 "  dead-lettered:  {} (in {})",
                 depth.dead_lettered,
                 address.dead_letter_queue()
             );
-            // NOTE: AMQP reports no unacknowledged count; the RabbitMQ management API or
-            // `rabbitmqctl list_queues messages_unacknowledged` shows it.
         }
         QueueUrl::Sqs(address) => {
             let client = sqs::client(target.endpoint_url).await;

@@ -294,6 +294,45 @@ async fn worker_reconnects_after_broker_closes_connection() {
 }
 
 #[tokio::test]
+async fn status_reports_unacknowledged() {
+    let queue = TestQueue::new("status");
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("amqp-status");
+    let sweep_id = enqueue(
+        &sweep_file(directory.path(), &experiment, 800, 2),
+        &queue.url,
+    );
+
+    let mut worker = start_worker(&queue.url, &[]);
+    wait_for_running(&experiment, &sweep_id).await;
+    // The management API refreshes its statistics every 5 s (RabbitMQ's default), so poll.
+    let mut stdout = String::new();
+    for _ in 0..20 {
+        let output = Command::new(env!("CARGO_BIN_EXE_cloudml"))
+            .args(["status", "--queue", &queue.url])
+            .output()
+            .expect("run cloudml status");
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        stdout = String::from_utf8_lossy(&output.stdout).to_string();
+        if stdout.contains("unacknowledged: 1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    worker.kill().unwrap();
+    let _ = worker.wait();
+
+    assert!(stdout.contains("ready:          1"), "{stdout}");
+    assert!(stdout.contains("unacknowledged: 1"), "{stdout}");
+    assert!(stdout.contains("consumers:      1"), "{stdout}");
+    assert!(stdout.contains("dead-lettered:  0"), "{stdout}");
+}
+
+#[tokio::test]
 async fn poison_message_dead_lettered_with_error() {
     let queue = TestQueue::new("poison");
     let messages = vec![Outgoing {

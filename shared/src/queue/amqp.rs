@@ -40,6 +40,12 @@ pub struct AmqpAddress {
     /// The connection URI for lapin (the URL without the queue segment).
     connection_uri: String,
     pub queue: String,
+    /// The virtual host, decoded (`/` by default).
+    pub vhost: String,
+    /// The RabbitMQ management API on the broker's host and default port 15672.
+    pub default_management_url: String,
+    username: String,
+    password: String,
     /// The URL with the password replaced, safe for logs and messages.
     pub display: String,
 }
@@ -88,6 +94,17 @@ impl AmqpAddress {
             }
         };
         let queue = percent_decode(&queue);
+        let decoded_vhost = percent_decode(&vhost);
+        let username = if parsed.username().is_empty() {
+            "guest".to_string()
+        } else {
+            percent_decode(parsed.username())
+        };
+        let password = parsed
+            .password()
+            .map_or_else(|| "guest".to_string(), percent_decode);
+        let default_management_url =
+            format!("http://{}:15672", parsed.host_str().unwrap_or("localhost"));
         if queue.is_empty() || queue.len() > 200 {
             return Err(invalid(format!(
                 "queue name {queue:?}, expected 1 to 200 bytes"
@@ -113,6 +130,10 @@ impl AmqpAddress {
                 queue
             ),
             queue,
+            vhost: decoded_vhost,
+            default_management_url,
+            username,
+            password,
         })
     }
 
@@ -454,6 +475,52 @@ pub async fn delete_topology(address: &AmqpAddress) -> Result<(), QueueError> {
         .map_err(|err| amqp_error("delete exchange", address, err))?;
     let _ = connection.close(200, "deleted".into()).await;
     Ok(())
+}
+
+/// Reads the task queue's ready and unacknowledged counts from the RabbitMQ management API
+/// (`rabbitmq_management` plugin), with the AMQP URL's credentials. AMQP itself reports no
+/// unacknowledged count.
+pub async fn management_counts(
+    address: &AmqpAddress,
+    management_url: &str,
+) -> Result<(u64, u64), QueueError> {
+    let failure = |message: String| {
+        QueueError::new(
+            "read management API",
+            format!("{management_url}: {message}"),
+        )
+    };
+    let encode =
+        |text: &str| url::form_urlencoded::byte_serialize(text.as_bytes()).collect::<String>();
+    let url = format!(
+        "{}/api/queues/{}/{}",
+        management_url.trim_end_matches('/'),
+        encode(&address.vhost),
+        encode(&address.queue)
+    );
+    let client = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .map_err(|err| failure(err.to_string()))?;
+    let response = client
+        .get(&url)
+        .basic_auth(&address.username, Some(&address.password))
+        .send()
+        .await
+        .map_err(|err| failure(err.to_string()))?;
+    if !response.status().is_success() {
+        return Err(failure(format!("HTTP {}", response.status())));
+    }
+    let body: serde_json::Value = response
+        .json()
+        .await
+        .map_err(|err| failure(err.to_string()))?;
+    let count = |key: &str| {
+        body.get(key)
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0)
+    };
+    Ok((count("messages_ready"), count("messages_unacknowledged")))
 }
 
 /// One connection, channel and consumer; replaced as a whole after a failure.
