@@ -24,7 +24,7 @@ echo "== warm worker (cargo bench -p cloudml-shared --bench original_workload)"
 CLOUDML_BENCH_TRACKING_URI="$uri" cargo bench --quiet -p cloudml-shared --bench original_workload
 
 echo "== cold start: cloudml-worker once examples/tasks/original.json, 10 runs"
-# One run first, so the experiment exists and the page cache holds libtorch, as on a warm Lambda host.
+# One run first, so the experiment exists and libtorch is in the page cache, as on a warm Lambda host.
 MLFLOW_TRACKING_URI="$uri" "$CARGO_TARGET_DIR/release/cloudml-worker" --log-format json once examples/tasks/original.json >/dev/null 2>&1
 for _ in $(seq 1 10); do
   MLFLOW_TRACKING_URI="$uri" /usr/bin/time -f '%e %M' -o "$state/time" \

@@ -77,7 +77,7 @@ ensure_cargo_lambda() {
 # environment, and no instance metadata lookups.
 use_aws_emulator() {
   export AWS_ENDPOINT_URL="$1"
-  export AWS_REGION=us-east-1
+  export AWS_REGION=us-east-1 AWS_DEFAULT_REGION=us-east-1
   export AWS_ACCESS_KEY_ID=testing
   export AWS_SECRET_ACCESS_KEY=testing
   export AWS_EC2_METADATA_DISABLED=true

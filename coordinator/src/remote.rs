@@ -19,7 +19,7 @@ const CONFIRM_WINDOW: usize = 256;
 /// `SendMessageBatch` requests in flight at once.
 const SQS_BATCHES_IN_FLIGHT: usize = 8;
 
-/// Where a queue lives and how to reach it, from the command line.
+/// A queue named on the command line, with the options to reach it.
 pub struct QueueTarget<'a> {
     pub url: &'a str,
     pub topology: Topology,

@@ -340,7 +340,7 @@ fn default_adamw_weight_decay() -> f64 {
     0.004
 }
 
-/// Where the examples come from. Every variant is split into train and test with the task's seed.
+/// Source of a task's examples. Every variant is split into train and test with the task's seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DatasetSpec {
@@ -454,7 +454,7 @@ impl fmt::Display for FieldError {
     }
 }
 
-/// Why a task message was rejected.
+/// Reason a task message is rejected.
 #[derive(Debug, thiserror::Error)]
 pub enum TaskError {
     #[error("invalid task message: {0}")]

@@ -26,12 +26,12 @@ pub fn mlflow() -> MlflowClient {
     MlflowClient::new(&config).expect("test tracking URI is valid")
 }
 
-/// An experiment name no other test uses, so tests can run in parallel against one server.
+/// Returns an experiment name no other test uses, so tests can run in parallel against one server.
 pub fn unique_experiment(test: &str) -> String {
     format!("test-{test}-{}", uuid::Uuid::now_v7())
 }
 
-/// A loopback address where nothing listens, for unreachable-server cases.
+/// Returns a loopback address where nothing listens, for unreachable-server cases.
 pub fn closed_loopback_uri() -> String {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind loopback");
     let port = listener.local_addr().expect("local address").port();

@@ -18,9 +18,9 @@ const BATCH_MAX_TAGS: usize = 100;
 const BATCH_MAX_ENTRIES: usize = 1000;
 /// Kept below the server's 1 MB request limit to leave room for the JSON envelope.
 const BATCH_MAX_BYTES: usize = 900_000;
-/// Longest param value MLflow 3 stores; longer values are cut and marked.
+/// Maximum param value length MLflow 3 stores, in characters. Longer values are cut and marked.
 const MAX_PARAM_VALUE_CHARS: usize = 6000;
-/// Longest tag value MLflow stores.
+/// Maximum tag value length MLflow stores, in characters.
 const MAX_TAG_VALUE_CHARS: usize = 8000;
 
 /// How to reach the tracking server.
@@ -109,7 +109,7 @@ pub enum TrackingError {
 }
 
 impl TrackingError {
-    /// Whether trying again later may succeed: the server was unreachable, overloaded or failing.
+    /// Tells whether trying again later may succeed, because the server was unreachable, overloaded or failing.
     pub fn is_transient(&self) -> bool {
         match self {
             TrackingError::Unreachable { .. } => true,
@@ -215,7 +215,7 @@ impl MlflowClient {
         })
     }
 
-    /// The server's address, for messages and links to the UI.
+    /// Returns the server's address, for messages and links to the UI.
     pub fn uri(&self) -> &str {
         &self.base
     }

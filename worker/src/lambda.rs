@@ -44,7 +44,7 @@ fn warm_up_libtorch() {
 
 struct Handler {
     executor: Arc<Executor>,
-    /// Longest task seen in this execution environment, to judge whether another fits in the time left.
+    /// Maximum task duration seen in this execution environment, to judge whether another fits.
     longest_task: Mutex<Duration>,
 }
 
@@ -174,7 +174,7 @@ fn deadline_from(deadline_ms: u64, now: SystemTime) -> SystemTime {
     }
 }
 
-/// Whether a task as long as the longest seen so far still fits before the deadline.
+/// Tells whether a task as long as the longest seen so far still fits before the deadline.
 fn fits(remaining: Duration, longest_task: Duration) -> bool {
     remaining > longest_task + DEADLINE_MARGIN
 }

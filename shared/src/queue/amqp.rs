@@ -153,7 +153,7 @@ fn percent_decode(text: &str) -> String {
         .unwrap_or_default()
 }
 
-/// How the task queue is declared.
+/// Declaration options of the task queue.
 #[derive(Debug, Clone, Default)]
 pub struct Topology {
     /// Leave existing queues and exchanges alone: declare nothing.
@@ -256,7 +256,7 @@ pub struct Outgoing {
     pub body: Vec<u8>,
 }
 
-/// Why a publish was not confirmed.
+/// A message the broker did not confirm, with the reason.
 #[derive(Debug, Clone)]
 pub struct PublishFailure {
     pub task_id: String,

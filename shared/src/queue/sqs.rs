@@ -18,12 +18,12 @@ use futures::StreamExt;
 
 use super::{Delivery, FailureKind, QueueError, TaskQueue};
 
-/// Most entries in one `SendMessageBatch` request (an SQS limit).
+/// Maximum entries in one `SendMessageBatch` request (an SQS limit).
 const BATCH_ENTRIES: usize = 10;
 /// Largest total body size of one batch request, in bytes (the SQS limit for a message, and
 /// conservatively for a batch).
 const BATCH_BYTES: usize = 256 * 1024;
-/// Longest visibility timeout SQS accepts, in seconds.
+/// Maximum visibility timeout SQS accepts, in seconds.
 const MAX_VISIBILITY_SECONDS: i32 = 43_200;
 
 /// A queue given as `sqs://NAME` or as its URL.
@@ -63,7 +63,7 @@ fn sqs_error<E: std::error::Error + 'static>(
     operation: &'static str,
     err: aws_sdk_sqs::error::SdkError<E>,
 ) -> QueueError {
-    // The SDK's Display is terse ("service error"); the source chain says what went wrong.
+    // The SDK's Display is terse ("service error"); the source chain contains the cause.
     let mut message = err.to_string();
     let mut source = std::error::Error::source(&err);
     while let Some(cause) = source {
@@ -288,7 +288,7 @@ fn count(attributes: &HashMap<QueueAttributeName, String>, name: QueueAttributeN
         .unwrap_or(0)
 }
 
-/// The dead-letter queue's URL, found through the queue's `RedrivePolicy`.
+/// Finds the dead-letter queue's URL through the queue's `RedrivePolicy`.
 pub async fn dead_letter_url(client: &Client, url: &str) -> Result<Option<String>, QueueError> {
     let attributes = count_attributes(client, url).await?;
     let Some(policy) = attributes.get(&QueueAttributeName::RedrivePolicy) else {
