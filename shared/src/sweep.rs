@@ -6,7 +6,6 @@
 //! `repeat` (identical copies of each combination, like the original's N identical invocations).
 //! Override keys are paths into the task: `optimizer.learning_rate`, `model.layers[2].units`.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
 use serde::Deserialize;
@@ -384,15 +383,6 @@ fn parse_path(path: &str) -> Result<Vec<PathSegment>, String> {
         }
     }
     Ok(segments)
-}
-
-/// Summarises a sweep's overrides per task, keyed by task id, for result tables.
-pub fn varied_by_task(sweep: &Sweep) -> BTreeMap<String, String> {
-    sweep
-        .tasks
-        .iter()
-        .map(|expanded| (expanded.task.id.clone(), describe_varied(&expanded.varied)))
-        .collect()
 }
 
 #[cfg(test)]

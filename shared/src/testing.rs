@@ -1,7 +1,5 @@
 //! Helpers for the integration tests of every crate. Not part of the stable API.
 
-use std::time::Duration;
-
 use crate::tracking::{Auth, MlflowClient, TrackingConfig};
 
 /// Variable through which `scripts/test.sh` passes the MLflow server it started.
@@ -37,24 +35,6 @@ pub fn closed_loopback_uri() -> String {
     let port = listener.local_addr().expect("local address").port();
     drop(listener);
     format!("http://127.0.0.1:{port}")
-}
-
-/// Polls `check` until it returns `Some` or `timeout` passes.
-pub async fn eventually<T, F, Fut>(timeout: Duration, mut check: F) -> Option<T>
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Option<T>>,
-{
-    let deadline = tokio::time::Instant::now() + timeout;
-    loop {
-        if let Some(value) = check().await {
-            return Some(value);
-        }
-        if tokio::time::Instant::now() >= deadline {
-            return None;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Creates an SQS queue and its dead-letter queue on the emulator named by `AWS_ENDPOINT_URL`
