@@ -9,7 +9,9 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::Duration;
 
 use cloudml_shared::execute::{TAG_ERROR, TAG_SWEEP_ID, TAG_TASK_ID};
-use cloudml_shared::testing::{create_sqs_queue, mlflow, tracking_uri, unique_experiment};
+use cloudml_shared::testing::{
+    create_sqs_fifo_queue, create_sqs_queue, mlflow, tracking_uri, unique_experiment,
+};
 use cloudml_shared::tracking::{RunInfo, RunStatus};
 
 fn queue_name(test: &str) -> String {
@@ -174,6 +176,34 @@ async fn sweep_through_two_workers() {
     );
     assert_eq!(status_line(&queue, "visible:"), 0);
     assert_eq!(status_line(&queue, "in flight:"), 0);
+}
+
+#[tokio::test]
+async fn fifo_queue_sweep() {
+    let name = queue_name("fifo");
+    // FIFO queues need a message group id and a deduplication id; enqueue derives both from the task id.
+    let url = create_sqs_fifo_queue(&name).await;
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("sqs-fifo");
+    let sweep_id = enqueue(
+        &write_sweep(directory.path(), &experiment, 2, 4, DIGITS),
+        &url,
+    );
+
+    let worker = start_worker(&url, &["--concurrency", "2", "--exit-when-idle", "3"])
+        .wait_with_output()
+        .unwrap();
+    assert!(
+        worker.status.success(),
+        "{}",
+        String::from_utf8_lossy(&worker.stderr)
+    );
+
+    let finished = finished_task_ids(&experiment, &sweep_id).await;
+    let mut distinct = finished.clone();
+    distinct.dedup();
+    assert_eq!(distinct.len(), 4, "{finished:?}");
+    assert_eq!(finished.len(), 4, "{finished:?}");
 }
 
 #[tokio::test]

@@ -242,7 +242,7 @@ impl Metric {
 
 /// Optimizer and its hyperparameters; omitted values take the Keras defaults.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "name", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(remote = "Self", rename_all = "snake_case", deny_unknown_fields)]
 pub enum OptimizerSpec {
     Sgd {
         #[serde(default = "default_sgd_learning_rate")]
@@ -342,7 +342,7 @@ fn default_adamw_weight_decay() -> f64 {
 
 /// Source of a task's examples. Every variant is split into train and test with the task's seed.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+#[serde(remote = "Self", rename_all = "snake_case", deny_unknown_fields)]
 pub enum DatasetSpec {
     /// Uniform [0, 1) features and uniform labels, as the original workload generated them.
     Synthetic {
@@ -434,6 +434,81 @@ pub struct EarlyStopping {
 
 fn default_true() -> bool {
     true
+}
+
+// The optimizer and dataset tables name their variant in a field (`name`, `kind`). serde's
+// internally tagged enums buffer their input and lose the field path in errors, so the derived
+// code is externally tagged (`remote = "Self"`) and these impls move the tag in and out.
+macro_rules! tagged_by_field {
+    ($type:ty, $tag:literal) => {
+        impl Serialize for $type {
+            fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+                use serde::ser::Error;
+
+                let external = <$type>::serialize(self, serde_json::value::Serializer)
+                    .map_err(S::Error::custom)?;
+                let tagged = move_tag_in(external, $tag).map_err(S::Error::custom)?;
+                tagged.serialize(serializer)
+            }
+        }
+
+        impl<'de> Deserialize<'de> for $type {
+            fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+                use serde::de::Error;
+
+                let tagged = serde_json::Value::deserialize(deserializer)?;
+                let external = move_tag_out(tagged, $tag).map_err(D::Error::custom)?;
+                // The inherent, derived function: the trait method would call this impl again.
+                let mut track = serde_path_to_error::Track::new();
+                <$type>::deserialize(serde_path_to_error::Deserializer::new(external, &mut track))
+                    .map_err(|err| D::Error::custom(describe_variant_error(&track.path(), &err)))
+            }
+        }
+    };
+}
+
+tagged_by_field!(OptimizerSpec, "name");
+tagged_by_field!(DatasetSpec, "kind");
+
+/// `{"csv": {"source": ...}}` becomes `{"kind": "csv", "source": ...}`.
+fn move_tag_in(external: serde_json::Value, tag: &str) -> Result<serde_json::Value, String> {
+    let serde_json::Value::Object(outer) = external else {
+        return Err("expected a variant table".to_string());
+    };
+    let Some((variant, fields)) = outer.into_iter().next() else {
+        return Err("expected a variant table".to_string());
+    };
+    let mut fields = match fields {
+        serde_json::Value::Object(fields) => fields,
+        _ => serde_json::Map::new(),
+    };
+    fields.insert(tag.to_string(), serde_json::Value::String(variant));
+    Ok(serde_json::Value::Object(fields))
+}
+
+/// `{"kind": "csv", "source": ...}` becomes `{"csv": {"source": ...}}`.
+fn move_tag_out(tagged: serde_json::Value, tag: &str) -> Result<serde_json::Value, String> {
+    let serde_json::Value::Object(mut fields) = tagged else {
+        return Err(format!("expected a table with {tag:?}"));
+    };
+    let variant = match fields.remove(tag) {
+        Some(serde_json::Value::String(variant)) => variant,
+        Some(other) => return Err(format!("{tag} = {other}, expected a string")),
+        None => return Err(format!("missing field `{tag}`")),
+    };
+    let mut outer = serde_json::Map::new();
+    outer.insert(variant, serde_json::Value::Object(fields));
+    Ok(serde_json::Value::Object(outer))
+}
+
+/// Formats an error of the externally tagged form with the path inside the variant, the way the
+/// user wrote it: `csv.test_fraction: invalid type` becomes `test_fraction: invalid type`.
+fn describe_variant_error(path: &serde_path_to_error::Path, err: &serde_json::Error) -> String {
+    let path = path.to_string();
+    match path.split_once('.') {
+        Some((_, inner)) if !inner.is_empty() => format!("{inner}: {err}"),
+        _ => err.to_string(),
+    }
 }
 
 /// One invalid field: its path in the task, the value found and what is allowed.
@@ -973,5 +1048,59 @@ fn validate_dataset(dataset: &DatasetSpec, errors: &mut Vec<FieldError>) {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn task_json() -> serde_json::Value {
+        serde_json::json!({
+            "schema_version": 1, "id": "t", "experiment": "e", "loss": "mse", "epochs": 1, "batch_size": 1,
+            "optimizer": {"name": "adam", "learning_rate": 0.01},
+            "dataset": {"kind": "csv", "source": "data.csv"},
+            "model": {"layers": [{"type": "dense", "units": 1}]}
+        })
+    }
+
+    #[test]
+    fn tagged_tables_round_trip() {
+        let task = Task::from_value(task_json()).unwrap();
+        let value = serde_json::to_value(&task).unwrap();
+        assert_eq!(value["dataset"]["kind"], "csv");
+        assert_eq!(value["optimizer"]["name"], "adam");
+        assert_eq!(Task::from_value(value).unwrap(), task);
+    }
+
+    #[test]
+    fn dataset_type_error_names_field() {
+        let mut value = task_json();
+        value["dataset"]["test_fraction"] = "lots".into();
+        let message = Task::from_value(value).unwrap_err().to_string();
+        assert!(
+            message.contains("dataset: test_fraction: invalid type"),
+            "{message}"
+        );
+    }
+
+    #[test]
+    fn unknown_dataset_kind_named() {
+        let mut value = task_json();
+        value["dataset"]["kind"] = "parquet".into();
+        let message = Task::from_value(value).unwrap_err().to_string();
+        assert!(message.contains("unknown variant `parquet`"), "{message}");
+        assert!(message.contains("synthetic"), "{message}");
+    }
+
+    #[test]
+    fn missing_optimizer_name_named() {
+        let mut value = task_json();
+        value["optimizer"] = serde_json::json!({"learning_rate": 0.1});
+        let message = Task::from_value(value).unwrap_err().to_string();
+        assert!(
+            message.contains("optimizer: missing field `name`"),
+            "{message}"
+        );
     }
 }

@@ -89,3 +89,20 @@ pub async fn create_sqs_queue(
         dlq_url,
     )
 }
+
+/// Creates a FIFO SQS queue (`NAME.fifo`) on the emulator and returns its URL.
+pub async fn create_sqs_fifo_queue(name: &str) -> String {
+    use aws_sdk_sqs::types::QueueAttributeName;
+
+    let client = crate::queue::sqs::client(None).await;
+    client
+        .create_queue()
+        .queue_name(format!("{name}.fifo"))
+        .attributes(QueueAttributeName::FifoQueue, "true")
+        .send()
+        .await
+        .expect("create FIFO queue")
+        .queue_url()
+        .expect("FIFO queue URL")
+        .to_string()
+}
