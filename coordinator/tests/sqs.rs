@@ -253,6 +253,57 @@ async fn killed_worker_task_is_redelivered() {
 }
 
 #[tokio::test]
+async fn sigterm_releases_message_after_grace() {
+    let name = queue_name("sigterm");
+    create_sqs_queue(&name, 60, 5).await;
+    let queue = format!("sqs://{name}");
+    let directory = tempfile::tempdir().unwrap();
+    let experiment = unique_experiment("sqs-sigterm");
+    let sweep_id = enqueue(
+        &write_sweep(directory.path(), &experiment, 2000, 1, DIGITS),
+        &queue,
+    );
+
+    let worker = start_worker(&queue, &["--shutdown-grace", "1"]);
+    let mut running = false;
+    for _ in 0..300 {
+        if sweep_runs(&experiment, &sweep_id)
+            .await
+            .iter()
+            .any(|run| run.status == RunStatus::Running)
+        {
+            running = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(running, "the worker never started the task");
+
+    let signalled = std::time::Instant::now();
+    let status = Command::new("kill")
+        .args(["-TERM", &worker.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    let output = worker.wait_with_output().unwrap();
+    let waited = signalled.elapsed();
+
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(output.status.success(), "{stderr}");
+    assert!(stderr.contains("releasing in-flight messages"), "{stderr}");
+    // The task trains for far longer than this; the worker must not wait for it.
+    assert!(
+        waited < Duration::from_secs(15),
+        "worker took {waited:?} to stop"
+    );
+    assert_eq!(
+        status_line(&queue, "visible:"),
+        1,
+        "the message is back in the queue at once"
+    );
+}
+
+#[tokio::test]
 async fn heartbeat_keeps_long_task_invisible() {
     let name = queue_name("heartbeat");
     // A 2 s visibility timeout and a task that trains for several seconds: without the heartbeat
