@@ -21,55 +21,49 @@ MLFLOW_VENV="$CLOUDML_CACHE/mlflow-3.17"
 
 log() { printf '==> %s\n' "$*" >&2; }
 
-# Installs libtorch (CPU) into the cache once.
+# Creates the virtual environment VENV with pip packages, unless FILE inside it already exists.
+#   ensure_venv VENV FILE PACKAGE...   (pip options such as --no-deps may come first)
+ensure_venv() {
+  local venv="$1" marker="$2"
+  shift 2
+  if [ -e "$venv/$marker" ]; then
+    return
+  fi
+  log "installing $* into $venv"
+  rm -rf "$venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet --disable-pip-version-check "$@"
+}
+
+# libtorch (CPU); its marker is the library tch links.
 ensure_libtorch() {
   if [ -f "$LIBTORCH/lib/libtorch_cpu.so" ]; then
     return
   fi
-  log "installing libtorch $TORCH_VERSION (CPU) into $TORCH_VENV"
-  rm -rf "$TORCH_VENV"
-  python3 -m venv "$TORCH_VENV"
-  "$TORCH_VENV/bin/pip" install --quiet --disable-pip-version-check --no-deps \
+  ensure_venv "$TORCH_VENV" "lib/python3.11/site-packages/torch/lib/libtorch_cpu.so" --no-deps \
     "torch==$TORCH_VERSION" nvidia-cuda-runtime==13.0.96 nvidia-cuda-cupti==13.0.85
 }
 
-# Installs the MLflow server into the cache once.
+# The MLflow tracking server.
 ensure_mlflow() {
-  if [ -x "$MLFLOW_VENV/bin/mlflow" ]; then
-    return
-  fi
-  log "installing $MLFLOW_VERSION_SPEC into $MLFLOW_VENV"
-  rm -rf "$MLFLOW_VENV"
-  python3 -m venv "$MLFLOW_VENV"
-  "$MLFLOW_VENV/bin/pip" install --quiet --disable-pip-version-check "$MLFLOW_VERSION_SPEC"
+  ensure_venv "$MLFLOW_VENV" bin/mlflow "$MLFLOW_VERSION_SPEC"
 }
 
 MOTO_VERSION_SPEC='moto[server]>=5.1,<5.3'
 MOTO_VENV="$CLOUDML_CACHE/moto-5.1"
 
-# Installs moto (an AWS emulator serving SQS and S3 on loopback) into the cache once.
+# moto, an AWS emulator serving SQS and S3 on loopback.
 ensure_moto() {
-  if [ -x "$MOTO_VENV/bin/moto_server" ]; then
-    return
-  fi
-  log "installing $MOTO_VERSION_SPEC into $MOTO_VENV"
-  rm -rf "$MOTO_VENV"
-  python3 -m venv "$MOTO_VENV"
-  "$MOTO_VENV/bin/pip" install --quiet --disable-pip-version-check "$MOTO_VERSION_SPEC"
+  ensure_venv "$MOTO_VENV" bin/moto_server "$MOTO_VERSION_SPEC"
 }
 
 CARGO_LAMBDA_VERSION_SPEC='cargo-lambda>=1.9,<1.10'
 CARGO_LAMBDA_VENV="$CLOUDML_CACHE/cargo-lambda-1.9"
 
-# Installs cargo-lambda (Lambda Runtime API emulator and builder) into the cache once and puts it
-# on PATH, where cargo finds it as `cargo lambda`.
+# cargo-lambda (Lambda Runtime API emulator and builder), put on PATH where cargo finds it as
+# `cargo lambda`.
 ensure_cargo_lambda() {
-  if [ ! -x "$CARGO_LAMBDA_VENV/bin/cargo-lambda" ]; then
-    log "installing $CARGO_LAMBDA_VERSION_SPEC into $CARGO_LAMBDA_VENV"
-    rm -rf "$CARGO_LAMBDA_VENV"
-    python3 -m venv "$CARGO_LAMBDA_VENV"
-    "$CARGO_LAMBDA_VENV/bin/pip" install --quiet --disable-pip-version-check "$CARGO_LAMBDA_VERSION_SPEC"
-  fi
+  ensure_venv "$CARGO_LAMBDA_VENV" bin/cargo-lambda "$CARGO_LAMBDA_VERSION_SPEC"
   export PATH="$CARGO_LAMBDA_VENV/bin:$PATH"
 }
 

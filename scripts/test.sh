@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The test command. Installs what the tests need (libtorch, MLflow; cached under ~/.cache/cloudml),
-# starts MLflow on a free loopback port, checks formatting and lints, runs every test, stops MLflow.
+# The test command. It installs what the tests need (libtorch, MLflow, moto, cargo-lambda), cached
+# under ~/.cache/cloudml. It starts MLflow, moto and the Lambda emulator on free loopback ports and
+# uses the local RabbitMQ. Then it checks formatting and lints, runs every test, and stops the services.
 #
 #   scripts/test.sh [extra arguments for the test runner, such as a test name filter]
 set -euo pipefail

@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use aws_sdk_lambda::primitives::Blob;
+use cloudml_shared::error::error_chain;
 use cloudml_shared::sweep::Sweep;
 use comfy_table::{presets::UTF8_FULL_CONDENSED, Table};
 use serde_json::Value;
@@ -163,15 +164,4 @@ fn payloads(
             Ok(task.to_message()?)
         })
         .collect()
-}
-
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }

@@ -143,7 +143,7 @@ pub async fn run(file: &Path, settings: &Settings, output: &str) -> anyhow::Resu
     })
 }
 
-/// A bar on a terminal; hidden elsewhere, where one line per settled task is printed instead.
+/// Creates a progress bar on a terminal. Elsewhere it is hidden and one line per settled task is printed instead.
 fn progress_bar(total: u64) -> ProgressBar {
     let bar = ProgressBar::with_draw_target(Some(total), ProgressDrawTarget::stderr());
     if !std::io::stderr().is_terminal() {

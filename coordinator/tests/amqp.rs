@@ -3,14 +3,18 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::process::{Child, Command, Output};
 use std::time::Duration;
 
-use cloudml_shared::execute::{TAG_SWEEP_ID, TAG_TASK_ID};
 use cloudml_shared::queue::amqp::{self, AmqpAddress, Outgoing, Topology};
-use cloudml_shared::testing::{mlflow, tracking_uri, unique_experiment};
-use cloudml_shared::tracking::{RunInfo, RunStatus};
+use cloudml_shared::testing::unique_experiment;
+use cloudml_shared::tracking::RunStatus;
+use common::{
+    enqueue, start_worker, sweep_runs, task_ids_with_status, unique_suffix, wait_for_running,
+    write_sweep, DIGITS,
+};
 
 /// Deletes the test's queue, DLQ and exchange when the test ends, pass or fail.
 struct TestQueue {
@@ -22,7 +26,7 @@ impl TestQueue {
     fn new(test: &str) -> Self {
         let url = format!(
             "amqp://guest:guest@127.0.0.1:5672/%2f/cloudml-test-{test}-{}",
-            uuid_suffix()
+            unique_suffix()
         );
         let address = AmqpAddress::parse(&url).unwrap();
         TestQueue { url, address }
@@ -45,125 +49,8 @@ impl Drop for TestQueue {
     }
 }
 
-fn uuid_suffix() -> String {
-    unique_experiment("q")
-        .rsplit('-')
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
-fn worker_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_cloudml")).with_file_name("cloudml-worker");
-    assert!(
-        path.exists(),
-        "{} not built; run the whole workspace's tests",
-        path.display()
-    );
-    path
-}
-
-fn start_worker(queue: &str, extra: &[&str]) -> Child {
-    Command::new(worker_binary())
-        .args(["--log-format", "json", "run", "--queue", queue])
-        .args(extra)
-        .env("MLFLOW_TRACKING_URI", tracking_uri())
-        .env("CLOUDML_RETRY_BASE_DELAY_SECONDS", "0.1")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cloudml-worker")
-}
-
 fn finish(child: Child) -> Output {
     child.wait_with_output().expect("wait for worker")
-}
-
-fn enqueue(file: &Path, queue: &str) -> String {
-    let output = Command::new(env!("CARGO_BIN_EXE_cloudml"))
-        .args(["enqueue", &file.display().to_string(), "--queue", queue])
-        .output()
-        .expect("run cloudml enqueue");
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn sweep_file(directory: &Path, experiment: &str, epochs: u32, count: usize) -> PathBuf {
-    let seeds = (0..count)
-        .map(|seed| seed.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-[base]
-experiment = "{experiment}"
-loss = "sparse_categorical_crossentropy"
-metrics = ["accuracy"]
-epochs = {epochs}
-batch_size = 8
-optimizer = {{ name = "adam" }}
-dataset = {{ kind = "example", name = "digits" }}
-model = {{ layers = [ {{ type = "dense", units = 64, activation = "relu" }}, {{ type = "dense", units = 10, activation = "softmax" }} ] }}
-
-[grid]
-seed = [{seeds}]
-"#
-    );
-    let path = directory.join("sweep.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-async fn sweep_runs(experiment: &str, sweep_id: &str) -> Vec<RunInfo> {
-    let client = mlflow();
-    let experiment_id = client.get_or_create_experiment(experiment).await.unwrap();
-    client
-        .search_runs_by_tag(&experiment_id, TAG_SWEEP_ID, sweep_id)
-        .await
-        .unwrap()
-}
-
-/// Task ids of the sweep's runs with `status`, sorted.
-async fn task_ids_with_status(experiment: &str, sweep_id: &str, status: RunStatus) -> Vec<String> {
-    let client = mlflow();
-    let mut ids = Vec::new();
-    for run in sweep_runs(experiment, sweep_id).await {
-        if run.status == status {
-            let stored = client.get_run(&run.run_id).await.unwrap();
-            let tags = stored["data"]["tags"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            let task_id = tags
-                .iter()
-                .find(|tag| tag["key"] == TAG_TASK_ID)
-                .and_then(|tag| tag["value"].as_str())
-                .unwrap_or_default()
-                .to_string();
-            ids.push(task_id);
-        }
-    }
-    ids.sort();
-    ids
-}
-
-/// Polls MLflow until a run of the sweep is RUNNING, so a worker can be stopped mid-task.
-async fn wait_for_running(experiment: &str, sweep_id: &str) {
-    for _ in 0..300 {
-        if sweep_runs(experiment, sweep_id)
-            .await
-            .iter()
-            .any(|run| run.status == RunStatus::Running)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("no run of sweep {sweep_id} started within 30 s");
 }
 
 #[tokio::test]
@@ -171,7 +58,10 @@ async fn sweep_through_two_workers() {
     let queue = TestQueue::new("sweep");
     let directory = tempfile::tempdir().unwrap();
     let experiment = unique_experiment("amqp-sweep");
-    let sweep_id = enqueue(&sweep_file(directory.path(), &experiment, 2, 8), &queue.url);
+    let sweep_id = enqueue(
+        &write_sweep(directory.path(), &experiment, 2, 8, DIGITS),
+        &queue.url,
+    );
 
     let workers: Vec<Child> = (0..2)
         .map(|_| start_worker(&queue.url, &["--concurrency", "2", "--exit-when-idle", "3"]))
@@ -205,7 +95,7 @@ async fn killed_worker_task_is_redelivered() {
     let directory = tempfile::tempdir().unwrap();
     let experiment = unique_experiment("amqp-kill");
     let sweep_id = enqueue(
-        &sweep_file(directory.path(), &experiment, 40, 1),
+        &write_sweep(directory.path(), &experiment, 40, 1, DIGITS),
         &queue.url,
     );
 
@@ -253,7 +143,7 @@ async fn worker_reconnects_after_broker_closes_connection() {
     let directory = tempfile::tempdir().unwrap();
     let experiment = unique_experiment("amqp-reconnect");
     let sweep_id = enqueue(
-        &sweep_file(directory.path(), &experiment, 10, 6),
+        &write_sweep(directory.path(), &experiment, 10, 6, DIGITS),
         &queue.url,
     );
 
@@ -299,7 +189,7 @@ async fn status_reports_unacknowledged() {
     let directory = tempfile::tempdir().unwrap();
     let experiment = unique_experiment("amqp-status");
     let sweep_id = enqueue(
-        &sweep_file(directory.path(), &experiment, 800, 2),
+        &write_sweep(directory.path(), &experiment, 800, 2, DIGITS),
         &queue.url,
     );
 

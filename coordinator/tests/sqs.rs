@@ -4,124 +4,21 @@
 
 #![allow(clippy::unwrap_used)] // Tests fail loudly on purpose.
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+mod common;
+
+use std::process::{Child, Command};
 use std::time::Duration;
 
-use cloudml_shared::execute::{TAG_ERROR, TAG_SWEEP_ID, TAG_TASK_ID};
-use cloudml_shared::testing::{
-    create_sqs_fifo_queue, create_sqs_queue, mlflow, tracking_uri, unique_experiment,
+use cloudml_shared::execute::TAG_ERROR;
+use cloudml_shared::testing::{create_sqs_fifo_queue, create_sqs_queue, mlflow, unique_experiment};
+use cloudml_shared::tracking::RunStatus;
+use common::{
+    cloudml, enqueue, start_worker, sweep_runs, task_ids_with_status, unique_suffix,
+    wait_for_running, write_sweep, DIGITS,
 };
-use cloudml_shared::tracking::{RunInfo, RunStatus};
 
 fn queue_name(test: &str) -> String {
-    let suffix = unique_experiment("q");
-    format!(
-        "cloudml-{test}-{}",
-        suffix.rsplit('-').next().unwrap_or_default()
-    )
-}
-
-fn worker_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_cloudml")).with_file_name("cloudml-worker");
-    assert!(
-        path.exists(),
-        "{} not built; run the whole workspace's tests",
-        path.display()
-    );
-    path
-}
-
-fn start_worker(queue: &str, extra: &[&str]) -> Child {
-    Command::new(worker_binary())
-        .args(["--log-format", "json", "run", "--queue", queue])
-        .args(extra)
-        .env("MLFLOW_TRACKING_URI", tracking_uri())
-        .env("CLOUDML_RETRY_BASE_DELAY_SECONDS", "0")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("start cloudml-worker")
-}
-
-fn cloudml(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_cloudml"))
-        .args(args)
-        .env("MLFLOW_TRACKING_URI", tracking_uri())
-        .output()
-        .expect("run cloudml")
-}
-
-fn enqueue(file: &Path, queue: &str) -> String {
-    let output = cloudml(&["enqueue", &file.display().to_string(), "--queue", queue]);
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    String::from_utf8_lossy(&output.stdout).trim().to_string()
-}
-
-fn write_sweep(
-    directory: &Path,
-    experiment: &str,
-    epochs: u32,
-    count: usize,
-    dataset: &str,
-) -> PathBuf {
-    let seeds = (0..count)
-        .map(|seed| seed.to_string())
-        .collect::<Vec<_>>()
-        .join(", ");
-    let text = format!(
-        r#"
-[base]
-experiment = "{experiment}"
-loss = "sparse_categorical_crossentropy"
-metrics = ["accuracy"]
-epochs = {epochs}
-batch_size = 8
-optimizer = {{ name = "adam" }}
-dataset = {dataset}
-model = {{ layers = [ {{ type = "dense", units = 64, activation = "relu" }}, {{ type = "dense", units = 10, activation = "softmax" }} ] }}
-
-[grid]
-seed = [{seeds}]
-"#
-    );
-    let path = directory.join("sweep.toml");
-    std::fs::write(&path, text).unwrap();
-    path
-}
-
-const DIGITS: &str = r#"{ kind = "example", name = "digits" }"#;
-
-async fn sweep_runs(experiment: &str, sweep_id: &str) -> Vec<RunInfo> {
-    let client = mlflow();
-    let experiment_id = client.get_or_create_experiment(experiment).await.unwrap();
-    client
-        .search_runs_by_tag(&experiment_id, TAG_SWEEP_ID, sweep_id)
-        .await
-        .unwrap()
-}
-
-async fn finished_task_ids(experiment: &str, sweep_id: &str) -> Vec<String> {
-    let client = mlflow();
-    let mut ids = Vec::new();
-    for run in sweep_runs(experiment, sweep_id).await {
-        if run.status == RunStatus::Finished {
-            let stored = client.get_run(&run.run_id).await.unwrap();
-            let tags = stored["data"]["tags"]
-                .as_array()
-                .cloned()
-                .unwrap_or_default();
-            if let Some(id) = tags.iter().find(|tag| tag["key"] == TAG_TASK_ID) {
-                ids.push(id["value"].as_str().unwrap_or_default().to_string());
-            }
-        }
-    }
-    ids.sort();
-    ids
+    format!("cloudml-{test}-{}", unique_suffix())
 }
 
 fn status_line(queue: &str, label: &str) -> u64 {
@@ -165,7 +62,7 @@ async fn sweep_through_two_workers() {
         );
     }
 
-    let finished = finished_task_ids(&experiment, &sweep_id).await;
+    let finished = task_ids_with_status(&experiment, &sweep_id, RunStatus::Finished).await;
     let mut distinct = finished.clone();
     distinct.dedup();
     assert_eq!(distinct.len(), 12, "{finished:?}");
@@ -199,7 +96,7 @@ async fn fifo_queue_sweep() {
         String::from_utf8_lossy(&worker.stderr)
     );
 
-    let finished = finished_task_ids(&experiment, &sweep_id).await;
+    let finished = task_ids_with_status(&experiment, &sweep_id, RunStatus::Finished).await;
     let mut distinct = finished.clone();
     distinct.dedup();
     assert_eq!(distinct.len(), 4, "{finished:?}");
@@ -220,19 +117,7 @@ async fn killed_worker_task_is_redelivered() {
     );
 
     let mut first = start_worker(&queue, &[]);
-    let mut running = false;
-    for _ in 0..300 {
-        if sweep_runs(&experiment, &sweep_id)
-            .await
-            .iter()
-            .any(|run| run.status == RunStatus::Running)
-        {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(running, "the first worker never started the task");
+    wait_for_running(&experiment, &sweep_id).await;
     first.kill().unwrap();
     let _ = first.wait();
 
@@ -265,19 +150,7 @@ async fn sigterm_releases_message_after_grace() {
     );
 
     let worker = start_worker(&queue, &["--shutdown-grace", "1"]);
-    let mut running = false;
-    for _ in 0..300 {
-        if sweep_runs(&experiment, &sweep_id)
-            .await
-            .iter()
-            .any(|run| run.status == RunStatus::Running)
-        {
-            running = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert!(running, "the worker never started the task");
+    wait_for_running(&experiment, &sweep_id).await;
 
     let signalled = std::time::Instant::now();
     let status = Command::new("kill")

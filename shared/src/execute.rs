@@ -17,10 +17,10 @@ pub const TAG_TASK_ID: &str = "cloudml.task_id";
 pub const TAG_SWEEP_ID: &str = "cloudml.sweep_id";
 pub const TAG_ERROR: &str = "cloudml.error";
 
-/// Longest time per-epoch metrics wait before they are sent to MLflow.
+/// Maximum time per-epoch metrics wait before they are sent to MLflow.
 const EPOCH_FLUSH_INTERVAL: Duration = Duration::from_secs(2);
 
-/// What the transport knows about one delivery of a task.
+/// Transport details of one delivery of a task.
 #[derive(Debug, Clone, Default)]
 pub struct DeliveryContext {
     /// 1 for the first delivery, counting redeliveries.
@@ -55,7 +55,7 @@ pub enum ExecuteError {
 }
 
 impl ExecuteError {
-    /// Whether another attempt may succeed; invalid data or models fail the same way every time.
+    /// Tells whether another attempt may succeed. Invalid data or models fail the same way every time.
     pub fn is_transient(&self) -> bool {
         match self {
             ExecuteError::Tracking(err) => err.is_transient(),
@@ -291,7 +291,7 @@ impl Executor {
         let training_task = task.clone();
         let training = tokio::task::spawn_blocking(move || {
             let mut on_epoch = |metrics: &EpochMetrics| {
-                // The receiver lives until training ends, so a send error cannot happen.
+                // A send fails only when the receiver is gone because the task was abandoned, and then no one reads the metrics.
                 let _ = sender.send(metrics.clone());
             };
             train::train(&training_task, &dataset, &options, &mut on_epoch)

@@ -3,6 +3,7 @@
 
 pub mod config;
 pub mod data;
+pub mod error;
 pub mod execute;
 pub mod original;
 pub mod queue;

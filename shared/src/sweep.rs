@@ -1,9 +1,10 @@
 //! Task and sweep files: one task, or a base task expanded over cases, a grid and repeats.
 //!
-//! A sweep file has a `base` table (a task without `id`), optional `cases` (a list of tables of
-//! overrides applied together, for values that must change in step such as a dataset and its output
-//! units), an optional `grid` (each path gets every listed value; the cartesian product is taken) and
-//! `repeat` (identical copies of each combination, like the original's N identical invocations).
+//! A sweep file has a `base` table, which is a task without `id`. Optional `cases` list tables of
+//! overrides applied together, for values that must change in step, such as a dataset and its
+//! output units. An optional `grid` gives each path a list of values, and every combination is
+//! taken. `repeat` makes identical copies of each combination, like the original's N identical
+//! invocations.
 //! Override keys are paths into the task: `optimizer.learning_rate`, `model.layers[2].units`.
 
 use std::path::Path;

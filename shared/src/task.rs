@@ -569,8 +569,8 @@ impl TaskError {
 impl Task {
     /// Parses and validates a queue message body: a task message, or the original payload.
     ///
-    /// `fallback_id` names the task when the body is an original payload, which carries no id;
-    /// transports pass something stable across redeliveries (a message id or request id).
+    /// `fallback_id` names the task when the body is an original payload, which carries no id.
+    /// Transports pass something stable across redeliveries, such as a message id or request id.
     pub fn from_message(body: &[u8], fallback_id: &str) -> Result<Task, TaskError> {
         if body.len() > MAX_MESSAGE_BYTES {
             return Err(TaskError::TooLarge { size: body.len() });

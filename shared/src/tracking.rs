@@ -11,6 +11,8 @@ use backon::{ExponentialBuilder, Retryable};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
+use crate::error::error_chain;
+
 /// Server limits for one `runs/log-batch` request (MLflow REST API documentation).
 const BATCH_MAX_METRICS: usize = 1000;
 const BATCH_MAX_PARAMS: usize = 100;
@@ -636,18 +638,6 @@ fn query_pairs(body: &Value) -> Vec<(String, String)> {
                 .collect()
         })
         .unwrap_or_default()
-}
-
-/// Formats an error with its sources, since reqwest puts the useful part (connection refused) there.
-fn error_chain(err: &dyn std::error::Error) -> String {
-    let mut message = err.to_string();
-    let mut source = err.source();
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    message
 }
 
 fn truncate(value: &str, max_chars: usize) -> String {

@@ -21,7 +21,7 @@ const EVAL_CHUNK_ROWS: i64 = 8192;
 /// Keras' `leaky_relu` activation slope for negative inputs.
 const LEAKY_RELU_SLOPE: f64 = 0.2;
 
-/// Where and how a worker trains.
+/// Training settings of a worker: thread count and device.
 #[derive(Debug, Clone, Copy)]
 pub struct TrainOptions {
     /// libtorch intra-op threads for this task.
@@ -272,7 +272,7 @@ fn input_shape(task: &Task, data: &Dataset) -> Result<Vec<i64>, TrainError> {
     let elements: i64 = shape.iter().product();
     if elements != data.features as i64 {
         return Err(TrainError::Shape(format!(
-            "model.input_shape = {shape:?} holds {elements} values, but dataset {} has {} features",
+            "model.input_shape = {shape:?} contains {elements} values, but dataset {} has {} features",
             data.name, data.features
         )));
     }

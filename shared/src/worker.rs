@@ -11,7 +11,7 @@ use crate::execute::{DeliveryContext, Executor, TaskReport};
 use crate::queue::{Delivery, FailureKind, TaskQueue};
 use crate::task::Task;
 
-/// How one worker process consumes its queue.
+/// Settings of one worker process.
 #[derive(Debug, Clone)]
 pub struct WorkerConfig {
     /// Tasks trained at once by this process.
@@ -20,7 +20,7 @@ pub struct WorkerConfig {
     pub max_tasks: Option<usize>,
     /// Stop after the queue has been empty this long.
     pub exit_when_idle: Option<Duration>,
-    /// Longest wait of one receive call (SQS long polling allows up to 20 s).
+    /// Maximum wait of one receive call (SQS long polling allows up to 20 s).
     pub poll_wait: Duration,
     /// First retry delay of a transient failure; doubled per attempt, at most 15 minutes.
     pub retry_base_delay: Duration,
@@ -41,7 +41,7 @@ impl Default for WorkerConfig {
     }
 }
 
-/// What happened to one delivery, for progress displays and result tables.
+/// Outcome of one delivery, for progress displays and result tables.
 #[derive(Debug, Clone)]
 pub enum TaskEvent {
     Started {
@@ -112,12 +112,12 @@ pub async fn run_worker(
             () = shutdown.cancelled() => break,
         };
         let free = permits.available_permits() + 1;
-        let wanted = config
+        let requested = config
             .max_tasks
             .map_or(free, |max| free.min(max.saturating_sub(received)));
 
         let deliveries = tokio::select! {
-            result = queue.receive(wanted, config.poll_wait) => match result {
+            result = queue.receive(requested, config.poll_wait) => match result {
                 Ok(deliveries) => deliveries,
                 Err(err) => {
                     tracing::error!(error = %err, "receive failed, retrying in 5 s");
@@ -236,7 +236,7 @@ impl Job {
         }
     }
 
-    /// Parses, trains and settles one delivery; the queue sees exactly one of ack, fail or release.
+    /// Parses, trains and settles one delivery; the queue gets exactly one of ack, fail or release.
     async fn handle(self, delivery: Delivery) -> Outcome {
         let message_id = delivery.message_id.clone();
         let attempt = delivery.attempt;

@@ -56,9 +56,9 @@ fn metric(outcome: &TrainOutcome, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("no metric {name} in {:?}", outcome.test_metrics))
 }
 
-/// Mean test accuracy over split and initialisation seeds 0-9. The reference used seeds 0-4 of
-/// scikit-learn's splitter; ours draws other splits, and on iris and wine (30 and 36 test rows) five
-/// splits leave the mean several points from its expectation, so ten are averaged.
+/// Computes the mean test accuracy over split and initialisation seeds 0-9. The reference used
+/// seeds 0-4 of scikit-learn's splitter, and ours draws other splits. On iris and wine (30 and 36
+/// test rows) five splits leave the mean several points from its expectation, so ten are averaged.
 fn mean_accuracy(dataset: &str, classes: u32) -> f64 {
     let accuracies: Vec<f64> = (0..10)
         .map(|seed| {

@@ -164,8 +164,8 @@ impl Handler {
 const EARLIEST_EPOCH_DEADLINE_MS: u64 = 1_000_000_000_000;
 
 /// Converts the Runtime API's `Lambda-Runtime-Deadline-Ms` to a time. AWS sends epoch milliseconds.
-// NOTE: the cargo-lambda 1.9 emulator sends the function timeout in milliseconds instead, which is
-// taken as time from now; a real deadline is never that small.
+// NOTE: the cargo-lambda 1.9 emulator sends the function timeout in milliseconds instead. Such small
+// values are read as time from now, because no real deadline is that small.
 fn deadline_from(deadline_ms: u64, now: SystemTime) -> SystemTime {
     if deadline_ms < EARLIEST_EPOCH_DEADLINE_MS {
         now + Duration::from_millis(deadline_ms)

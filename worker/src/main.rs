@@ -172,8 +172,8 @@ async fn run(args: &RunArgs, settings: &Settings) -> anyhow::Result<ExitCode> {
     let summary = run_worker(queue, executor, config, shutdown, None).await;
     let code = i32::from(summary.failed > 0);
     if summary.released > 0 {
-        // Released tasks may still be training on blocking threads, which cannot be interrupted and
-        // which the runtime would wait for on return; their messages are back in the queue already.
+        // Released tasks may still train on blocking threads, which cannot be interrupted and which
+        // the runtime would wait for on return. Their messages are back in the queue already.
         std::process::exit(code);
     }
     Ok(ExitCode::from(code as u8))

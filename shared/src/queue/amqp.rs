@@ -797,10 +797,8 @@ impl TaskQueue for AmqpQueue {
                 "channel was replaced; the broker redelivers this message",
             )
         })?;
-        acker
-            .ack(BasicAckOptions::default())
+        settle(acker.ack(BasicAckOptions::default()))
             .await
-            .map(|_| ())
             .map_err(|err| amqp_error("ack", &self.address, err))
     }
 
@@ -869,14 +867,12 @@ impl TaskQueue for AmqpQueue {
                 "channel was replaced; the broker redelivers this message",
             )
         })?;
-        acker
-            .nack(BasicNackOptions {
-                requeue: true,
-                ..BasicNackOptions::default()
-            })
-            .await
-            .map(|_| ())
-            .map_err(|err| amqp_error("release", &self.address, err))
+        settle(acker.nack(BasicNackOptions {
+            requeue: true,
+            ..BasicNackOptions::default()
+        }))
+        .await
+        .map_err(|err| amqp_error("release", &self.address, err))
     }
 }
 

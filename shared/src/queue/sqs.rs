@@ -2,7 +2,7 @@
 //!
 //! Settling follows SQS's redrive model: a message is deleted only after its MLflow run is
 //! FINISHED. A failed message is made visible again after a backoff, so the queue's redrive policy
-//! moves it to the dead-letter queue after `maxReceiveCount` receives; the worker never deletes a
+//! moves it to the dead-letter queue after `maxReceiveCount` receives. The worker does not delete a
 //! message it could not train.
 
 use std::collections::HashMap;
@@ -63,14 +63,8 @@ fn sqs_error<E: std::error::Error + 'static>(
     operation: &'static str,
     err: aws_sdk_sqs::error::SdkError<E>,
 ) -> QueueError {
-    // The SDK's Display is terse ("service error"); the source chain contains the cause.
-    let mut message = err.to_string();
-    let mut source = std::error::Error::source(&err);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    // The SDK's Display is terse ("service error"), so the sources are included.
+    let message = crate::error::error_chain(&err);
     QueueError::new(operation, message)
 }
 
@@ -291,6 +285,14 @@ fn count(attributes: &HashMap<QueueAttributeName, String>, name: QueueAttributeN
 /// Finds the dead-letter queue's URL through the queue's `RedrivePolicy`.
 pub async fn dead_letter_url(client: &Client, url: &str) -> Result<Option<String>, QueueError> {
     let attributes = count_attributes(client, url).await?;
+    dead_letter_url_from(client, &attributes).await
+}
+
+/// Finds the dead-letter queue's URL from attributes already read.
+async fn dead_letter_url_from(
+    client: &Client,
+    attributes: &HashMap<QueueAttributeName, String>,
+) -> Result<Option<String>, QueueError> {
     let Some(policy) = attributes.get(&QueueAttributeName::RedrivePolicy) else {
         return Ok(None);
     };
@@ -319,7 +321,7 @@ pub async fn dead_letter_url(client: &Client, url: &str) -> Result<Option<String
 
 pub async fn depth(client: &Client, url: &str) -> Result<SqsDepth, QueueError> {
     let attributes = count_attributes(client, url).await?;
-    let dead_letter = match dead_letter_url(client, url).await? {
+    let dead_letter = match dead_letter_url_from(client, &attributes).await? {
         Some(dlq_url) => {
             let dlq = count_attributes(client, &dlq_url).await?;
             Some((
