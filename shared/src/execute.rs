@@ -291,7 +291,7 @@ impl Executor {
         let training_task = task.clone();
         let training = tokio::task::spawn_blocking(move || {
             let mut on_epoch = |metrics: &EpochMetrics| {
-                // A send fails only when the receiver is gone because the task was abandoned, and then no one reads the metrics.
+                // A send fails only after the receiver is dropped (the task was abandoned or logging failed), and then no one reads the metrics.
                 let _ = sender.send(metrics.clone());
             };
             train::train(&training_task, &dataset, &options, &mut on_epoch)
